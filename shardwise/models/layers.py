@@ -1,0 +1,105 @@
+"""Building blocks of the Llama-style decoder: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP.
+
+Layers derive their local sizes from their weight shapes (e.g. the number of attention heads from
+the width of the q projection), so the tensor-parallel issue can swap `nn.Linear` for column/row
+parallel linears holding a slice of the heads without touching the forward code.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16 autocast: the mean of squares loses precision otherwise.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE tables (cos/sin of shape [max_seq_len, head_dim/2]); not saved in state dicts."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for `positions` ([S] or [B, S]), shaped to broadcast over [B, S, heads, head_dim/2]."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        if positions.dim() == 1:
+            cos, sin = cos[None], sin[None]
+        return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, S, H, D] (interleaved convention, as Meta's Llama)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention (num_kv_heads divides num_heads) with RoPE, no biases."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        self.head_dim = hidden // num_heads
+        self.wq = nn.Linear(hidden, num_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, s, _ = x.shape
+        # -1: the head count is whatever this rank's projection holds (all heads, or a TP slice).
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        gqa = q.shape[1] != k.shape[1]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, hidden: int, ffn_hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn_hidden, bias=False)
+        self.w3 = nn.Linear(hidden, ffn_hidden, bias=False)
+        self.w2 = nn.Linear(ffn_hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def init_weights(model: nn.Module, std: float, num_layers: int) -> None:
+    """GPT-2/Megatron init: N(0, std) for matrices, N(0, std/sqrt(2L)) for the projections that write
+    into the residual stream (attention `wo`, MLP/expert `w2`), ones for norm weights (the only 1-D
+    parameters: the model has no biases)."""
+    out_std = std / math.sqrt(2 * num_layers)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            nn.init.ones_(p)
+        elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+            nn.init.normal_(p, 0.0, out_std)
+        else:
+            nn.init.normal_(p, 0.0, std)

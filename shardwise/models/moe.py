@@ -1,0 +1,220 @@
+"""Mixture-of-Experts feed-forward: router, capacity rule, token dispatch, grouped experts.
+
+The pieces are separate so the expert-parallel issue can replace only the dispatcher (local
+permutation here; all-to-all over the `ep` group there) and hand the experts a slice of their weights:
+
+    route (Router) -> capacity (keep mask) -> dispatcher.dispatch -> GroupedExperts -> dispatcher.combine
+
+Loss formulas (T tokens in the micro-batch, E experts, k = top_k, p_te = softmax router probability):
+  aux    = aux_loss_coef * E / (k * T^2) * sum_e (sum_t p_te) * c_e,  c_e = assignments to e (before
+           capacity dropping), the Switch/GShard loss as Megatron writes it; 1.0*coef when balanced.
+  z_loss = z_loss_coef * mean_t (logsumexp_e logits_te)^2   (ST-MoE).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import SwiGLU
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterOutput:
+    expert_idx: torch.Tensor  # [T, k] selected experts
+    weights: torch.Tensor  # [T, k] combine weights (renormalised if norm_topk_prob)
+    probs: torch.Tensor  # [T, E] full softmax probabilities (fp32)
+    logits: torch.Tensor  # [T, E] router logits (fp32)
+
+
+class Router(nn.Module):
+    """Linear scoring of tokens against experts, softmax, top-k. Runs in fp32 (routing is brittle in bf16)."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool = True):
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        probs = logits.softmax(dim=-1)
+        weights, expert_idx = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(expert_idx, weights, probs, logits)
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
+    """E/(k*T^2) * sum_e (sum_t p_te) * c_e   (unweighted; multiply by aux_loss_coef)."""
+    t, e = probs.shape
+    return (probs.sum(0) * counts.to(probs.dtype)).sum() * e / (top_k * t * t)
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean_t logsumexp(logits_t)^2   (unweighted; multiply by z_loss_coef)."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
+    return math.ceil(factor * num_tokens * top_k / num_experts)
+
+
+def capacity_keep_mask(expert_idx: torch.Tensor, probs: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which flat assignments survive: per expert, the `capacity` ones with the highest router
+    probability (Megatron's "probs" drop policy; ties broken by token order). Returns bool [T*k]."""
+    flat_e = expert_idx.reshape(-1)
+    flat_p = probs.gather(1, expert_idx).reshape(-1)
+    by_prob = torch.argsort(flat_p, descending=True, stable=True)
+    order = by_prob[torch.argsort(flat_e[by_prob], stable=True)]  # grouped by expert, best first
+    counts = torch.bincount(flat_e, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
+    keep = torch.zeros_like(flat_e, dtype=torch.bool)
+    keep[order] = rank_in_expert < capacity
+    return keep
+
+
+class LocalDispatcher:
+    """Single-device dispatch: sort (token, expert) assignments by expert so each expert's tokens are
+    one contiguous segment; combine scatters the weighted expert outputs back with index_add.
+    The expert-parallel dispatcher keeps this interface and adds the all-to-all exchange."""
+
+    def dispatch(self, x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, num_experts: int):
+        order = torch.argsort(expert_idx, stable=True)
+        counts = torch.bincount(expert_idx, minlength=num_experts)
+        return x[token_idx[order]], counts, order
+
+    def combine(self, y: torch.Tensor, order: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, num_tokens: int):
+        y = y * weights[order].unsqueeze(-1).to(y.dtype)
+        out = y.new_zeros(num_tokens, y.shape[-1])
+        return out.index_add_(0, token_idx[order], y)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: grouped_mm's CPU backward rejects
+    expanded (stride-0) gradients such as the one `.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+_grouped_mm_ok: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Probe torch's grouped GEMM once per (device type, dtype); fall back to a loop over experts
+    (identical maths) where it is missing or unsupported, e.g. fp32 on GPUs before Hopper."""
+    key = (x.device.type, x.dtype)
+    if key not in _grouped_mm_ok:
+        ok = hasattr(F, "grouped_mm")
+        if ok:
+            try:
+                offs = torch.tensor([1, 2], dtype=torch.int32, device=x.device)
+                F.grouped_mm(x.new_zeros(2, 8), w.new_zeros(2, 8, 8), offs=offs)
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        if not ok:
+            log.info("grouped_mm unavailable for %s/%s: experts run as a loop of matmuls", *key)
+        _grouped_mm_ok[key] = ok
+    return _grouped_mm_ok[key]
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row segment i of x (counts[i] rows) times w[i]; x [N, a], w [E, a, b] -> [N, b]."""
+    if w.dtype != x.dtype:  # under autocast the activations may be bf16 while weights are fp32
+        w = w.to(x.dtype)
+    if _use_grouped_mm(x, w):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        return F.grouped_mm(_ContiguousGrad.apply(x), w, offs=offs)
+    parts = torch.split(x, counts.tolist())
+    return torch.cat([p @ w[i] for i, p in enumerate(parts)], dim=0)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights (w1, w3: [E, d, f]; w2: [E, f, d]) so expert
+    parallel can hold a slice of E and tensor parallel a slice of f."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn_hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, ffn_hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden, ffn_hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        h = F.silu(grouped_matmul(x, self.w1, counts)) * grouped_matmul(x, self.w3, counts)
+        return grouped_matmul(h, self.w2, counts)
+
+
+@dataclass
+class MoEStats:
+    """Detached per-layer routing statistics for metrics."""
+
+    tokens_per_expert: torch.Tensor  # [E] assignments before capacity dropping
+    dropped_fraction: torch.Tensor  # scalar, assignments dropped by the capacity rule
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        expert_ffn_hidden: int,
+        shared_experts: int = 0,
+        capacity_factor: Optional[float] = None,
+        norm_topk_prob: bool = True,
+        aux_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+    ):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor = capacity_factor
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.router = Router(hidden, num_experts, top_k, norm_topk_prob)
+        self.experts = GroupedExperts(num_experts, hidden, expert_ffn_hidden)
+        self.shared = SwiGLU(hidden, shared_experts * expert_ffn_hidden) if shared_experts else None
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MoEStats]:
+        """x [B, S, d] -> (output [B, S, d], weighted aux+z loss (scalar), stats)."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        t = x2.shape[0]
+        r = self.router(x2)
+        flat_e = r.expert_idx.reshape(-1)
+        counts = torch.bincount(flat_e, minlength=self.num_experts)
+        aux = self.aux_loss_coef * load_balancing_loss(r.probs, counts, self.top_k)
+        aux = aux + self.z_loss_coef * z_loss(r.logits)
+
+        token_idx = torch.arange(t, device=x.device).repeat_interleave(self.top_k)
+        weights = r.weights.reshape(-1)
+        dropped = torch.zeros((), device=x.device)
+        if self.capacity_factor is not None:
+            cap = expert_capacity(t, self.num_experts, self.top_k, self.capacity_factor)
+            keep = capacity_keep_mask(r.expert_idx, r.probs, self.num_experts, cap)
+            dropped = 1.0 - keep.float().mean()
+            # A dropped assignment contributes nothing; a token with all assignments dropped gets a
+            # zero MoE output, so the block's residual connection passes it through unchanged.
+            token_idx, flat_e, weights = token_idx[keep], flat_e[keep], weights[keep]
+
+        xs, seg_counts, order = self.dispatcher.dispatch(x2, token_idx, flat_e, self.num_experts)
+        ys = self.experts(xs, seg_counts)
+        out = self.dispatcher.combine(ys, order, token_idx, weights, t)
+        if self.shared is not None:
+            out = out + self.shared(x2)
+        stats = MoEStats(counts.detach(), dropped.detach())
+        return out.reshape(shape).to(x.dtype), aux, stats

@@ -1,0 +1,96 @@
+"""Entry point: `torchrun [...] -m shardwise.train recipe=NAME key=value ...` (or `shardwise-launch`).
+
+Order matters: the config is composed and validated for the world size *before* any process group
+exists, so a bad value fails fast on every rank with the same message instead of hanging a job.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .trainer.compose import compose_config, to_yaml
+from .trainer.distributed import init_distributed, shutdown, world_from_env
+from .trainer.validate import ConfigError, check_supported, validate_config
+
+log = logging.getLogger("shardwise")
+
+
+def resolve_run_dir(run_dir: Optional[str], recipe: str) -> Path:
+    """The run directory, identical on every rank without communication: the configured one, else
+    runs/<recipe>/<torchrun run id> (shared by all ranks of a torchrun job), else a timestamp for a
+    plain single process."""
+    if run_dir:
+        return Path(run_dir).expanduser()
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / recipe / run_id
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    for noisy in ("megatron", "megatron.core"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(overrides: Sequence[str]) -> list[dict]:
+    """Compose, validate, train; returns rank-local metric records. Raises ConfigError on bad config."""
+    rank, world, _, _ = world_from_env()
+    setup_logging(rank)
+    cfg, recipe = compose_config(overrides)
+    validate_config(cfg, world)
+    check_supported(cfg)
+
+    env = init_distributed(cfg.parallel, cfg.trainer)
+    from .trainer.trainer import Trainer  # heavy imports (megatron datasets) after validation
+
+    run_dir = resolve_run_dir(cfg.run_dir, recipe)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.info("run_dir: %s (recipe %s, %d process(es), backend %s, device %s)",
+                 run_dir, recipe, env.world_size, env.backend or "none", env.device)
+    trainer = Trainer(cfg, env, run_dir, run_name=f"{recipe}-{run_dir.name}")
+
+    def on_sigterm(signum, frame):
+        log.warning("SIGTERM received (preemption?): finishing the current step, then stopping")
+        trainer.stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        history = trainer.fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if env.is_main and history:
+        last = history[-1]
+        log.info("done: step %d, loss %.4f, metrics in %s", last["step"], last["loss"], run_dir / "metrics.jsonl")
+    return history
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = 0
+    try:
+        run(argv)
+    except ConfigError as e:
+        print(f"shardwise: {e}", file=sys.stderr)
+        code = 2
+    except Exception:
+        logging.getLogger("shardwise").exception("training failed")
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        shutdown()
+    # gloo sometimes aborts in interpreter teardown after destroy_process_group(); the work is done
+    # and flushed, so leave without running it.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Typed configuration schema.
+
+Every group of the Hydra config (`model`, `parallel`, `optim`, `data`, `trainer`, `logging`) is a
+dataclass below, registered in Hydra's ConfigStore by `register_schemas()`. Recipes under `recipes/`
+only set values; the schema gives types (OmegaConf rejects a string where an int is expected) and the
+docstring of each field is its documentation. Cross-field rules live in `validate.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward settings. `num_experts: 0` makes every layer dense."""
+
+    num_experts: int = 0
+    """Routed experts per MoE layer. 0 = dense model (plain SwiGLU MLP in every layer)."""
+    top_k: int = 2
+    """Experts each token is sent to."""
+    expert_ffn_hidden_size: Optional[int] = None
+    """Inner (SwiGLU) width of one routed expert; null = model.ffn_hidden_size."""
+    shared_experts: int = 0
+    """DeepSeek-style always-on experts; their MLP has width shared_experts * expert_ffn_hidden_size."""
+    capacity_factor: Optional[float] = None
+    """Per-expert capacity = ceil(capacity_factor * tokens * top_k / num_experts); assignments over
+    capacity are dropped (lowest router probability first) and the token keeps only its residual.
+    null = dropless (every assignment is computed)."""
+    router_score: str = "softmax"
+    """Router scoring function: `softmax` over all experts, then top-k."""
+    norm_topk_prob: bool = True
+    """Renormalise the k selected probabilities to sum to 1 (Mixtral) instead of using raw scores."""
+    aux_loss_coef: float = 0.01
+    """Switch/GShard load-balancing loss weight: coef * E/(k*T^2) * sum_e (sum_t p_te) * count_e."""
+    z_loss_coef: float = 0.001
+    """Router z-loss weight (ST-MoE): coef * mean_t logsumexp(logits_t)^2."""
+    first_dense_layers: int = 0
+    """The first N decoder layers use a dense MLP instead of MoE (DeepSeek-MoE keeps layer 0 dense)."""
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder; MoE when `moe.num_experts > 0`."""
+
+    name: str = "tiny"
+    """Free-form model name, used in logs and run names."""
+    vocab_size: int = 320
+    """Embedding rows. Must be >= the tokenizer's vocabulary (the byte tokenizer has 257 ids)."""
+    hidden_size: int = 128
+    """Model width d."""
+    num_layers: int = 2
+    """Decoder blocks."""
+    num_heads: int = 4
+    """Query heads; head_dim = hidden_size / num_heads."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; null = num_heads (MHA). Must divide num_heads."""
+    ffn_hidden_size: int = 344
+    """SwiGLU inner width of the dense MLP."""
+    max_seq_len: int = 2048
+    """Longest sequence the RoPE tables are built for; must be >= data.seq_len."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection."""
+    init_std: float = 0.02
+    """Std of the normal init of weights; output projections are scaled by 1/sqrt(2*num_layers)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts settings."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split. Sizes of 1 mean "not used". The data-parallel size is what is left."""
+
+    tp: int = 1
+    """Tensor-parallel size (innermost ranks)."""
+    pp: int = 1
+    """Pipeline-parallel stages (outermost ranks)."""
+    ep: int = 1
+    """Expert-parallel size, carved from the data-parallel ranks; must divide moe.num_experts."""
+    dp: Optional[int] = None
+    """Data-parallel size; null = world_size / (tp * pp). If set it must equal that quotient."""
+    sequence_parallel: bool = False
+    """Split norm/dropout activations along the sequence between TP regions (needs tp > 1)."""
+    microbatches: Optional[int] = None
+    """Pipeline micro-batches per step; null = gradient-accumulation steps. Used with pp > 1."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on CUDA/ROCm devices, gloo on CPU), nccl or gloo."""
+    timeout_s: float = 600.0
+    """Collective timeout; a rank waiting longer fails with an error instead of hanging."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+    decay_steps: Optional[int] = None
+    """Steps of cosine decay after warmup; null = trainer.max_steps - warmup_steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; not applied to norms and biases."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: Optional[bool] = None
+    """Use torch's fused AdamW kernel; null = use it where the device supports it. Same results."""
+
+
+@dataclass
+class DataConfig:
+    """Pretraining data in Megatron .bin/.idx format, read through megatron-core's dataset classes."""
+
+    paths: List[str] = field(default_factory=list)
+    """Megatron data prefixes (path without .bin/.idx), optionally weighted like Megatron's
+    --data-path: ["0.7", "/data/a", "0.3", "/data/b"]. Empty = the bundled corpus (built from
+    text that ships with Python on first use, then cached in cache_dir)."""
+    split: str = "969,30,1"
+    """Train/valid/test split weights of the documents, as in Megatron."""
+    tokenizer: str = "byte"
+    """`byte` (built-in byte-level tokenizer, 257 ids) or a path to a Hugging Face tokenizer.json."""
+    cache_dir: str = "~/.cache/shardwise"
+    """Where the bundled corpus and megatron-core's index caches are written."""
+    seq_len: int = 256
+    """Tokens per sample."""
+    global_batch_size: int = 16
+    """Samples per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward on one rank; steps accumulate global/(micro*dp) micro-batches."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    eod_mask_loss: bool = False
+    """Do not train on predicting the end-of-document token."""
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    seed: int = 1234
+    """Seed for model init, data order and dropout; same seed + global batch = same losses."""
+    log_every: int = 1
+    """Log metrics every N steps."""
+    eval_every: int = 0
+    """Evaluate on the validation split every N steps; 0 = never."""
+    eval_iters: int = 4
+    """Micro-batches per evaluation."""
+    precision: str = "fp32"
+    """`fp32` or `bf16` (autocast; parameters, gradients and optimizer states stay fp32)."""
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), `cpu` or `cuda`."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one device for MFU; null = a table of known GPUs, or a matmul probe on CPU."""
+    deterministic: bool = True
+    """Use deterministic kernels (needed for bit-identical restarts)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    console: bool = True
+    """One-line logs on rank 0."""
+    progress_bar: bool = True
+    """A progress bar on rank 0 (only when stdout is a terminal)."""
+    wandb: bool = False
+    """Log to Weights & Biases (honours WANDB_MODE=offline)."""
+    wandb_project: str = "shardwise"
+    """wandb project."""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team); null = your default."""
+
+
+@dataclass
+class ShardwiseConfig:
+    """The whole config; `recipe=NAME` picks a file under recipes/recipe/."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: Optional[str] = None
+    """Output directory of this run (metrics.jsonl, config.yaml); null = runs/<recipe>/<run id>."""
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "logging": LoggingConfig,
+}
+
+
+def register_schemas() -> None:
+    """Register the schema so that YAML files can extend `<group>/schema` and be type-checked."""
+    cs = ConfigStore.instance()
+    cs.store(name="shardwise_schema", node=ShardwiseConfig)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name="schema", node=node)

@@ -1,0 +1,39 @@
+"""`shardwise-validate recipe=NAME [key=value ...] --world-size N`: compose and check a recipe for a
+world size without starting anything, and print its size, FLOPs and per-rank batch layout."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .models import count_parameters, flops_per_token
+from .trainer.compose import compose_config, to_yaml
+from .trainer.validate import ConfigError, dp_size, validate_config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--world-size", type=int, default=1, help="total processes (GPUs) of the job")
+    parser.add_argument("--print-config", action="store_true", help="print the composed config")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg, recipe = compose_config(overrides)
+        validate_config(cfg, args.world_size)
+    except ConfigError as e:
+        print(f"shardwise: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg))
+    c = count_parameters(cfg.model)
+    p, d = cfg.parallel, cfg.data
+    dp = dp_size(cfg, args.world_size)
+    print(f"recipe {recipe}: valid for world size {args.world_size}")
+    print(f"  parameters {c.total / 1e9:.3f}B total, {c.active / 1e9:.3f}B active per token")
+    print(f"  {flops_per_token(cfg.model, d.seq_len) / 1e9:.2f} GFLOPs per trained token at seq_len {d.seq_len}")
+    print(f"  layout tp={p.tp} pp={p.pp} dp={dp} ep={p.ep}; {d.global_batch_size // (d.micro_batch_size * dp)} "
+          f"micro-batch(es) of {d.micro_batch_size} per data-parallel rank per step")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Config composition and validation: recipes compose, bad values fail early naming field and fix."""
+import subprocess
+import sys
+
+import pytest
+
+from shardwise.launch import build_torchrun_args, split_args
+from shardwise.trainer.compose import available_recipes, compose_config
+from shardwise.trainer.validate import ConfigError, check_supported, validate_config
+from shardwise.validate import main as validate_main
+
+
+def compose_and_validate(*overrides, world=2):
+    cfg, _ = compose_config(["recipe=tiny_moe", *overrides])
+    validate_config(cfg, world)
+    return cfg
+
+
+def test_recipes_compose_and_validate():
+    assert {"tiny_dense", "tiny_moe", "mixtral_8x7b_64gpu"} <= set(available_recipes())
+    cfg, _ = compose_config(["recipe=tiny_dense"])
+    validate_config(cfg, 2)
+    assert cfg.model.moe.num_experts == 0
+    cfg = compose_and_validate("data.seq_len=64", "trainer.max_steps=3")
+    assert cfg.model.moe.num_experts == 8 and cfg.data.seq_len == 64 and cfg.trainer.max_steps == 3
+
+
+def test_cluster_recipe_validates_for_its_world_but_not_others():
+    cfg, _ = compose_config(["recipe=mixtral_8x7b_64gpu"])
+    validate_config(cfg, 64)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep) == (2, 4, 8)
+    with pytest.raises(ConfigError, match="world size 60 is not divisible by parallel.tp"):
+        validate_config(cfg, 60)
+    with pytest.raises(ConfigError, match="not implemented in this version"):
+        check_supported(cfg)
+    assert validate_main(["recipe=mixtral_8x7b_64gpu", "--world-size", "64"]) == 0
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["optim.lr=-0.1"], 2, "optim.lr=-0.1: must be > 0"),
+    (["parallel.tp=3"], 4, "world size 4 is not divisible by parallel.tp*parallel.pp = 3*1"),
+    (["model.num_kv_heads=3"], 2, "model.num_kv_heads=3 must divide model.num_heads=4"),
+    (["data.global_batch_size=10"], 2, "data.global_batch_size=10 is not divisible by data.micro_batch_size*dp = 4*2"),
+    (["data.seq_len=4096"], 1, "data.seq_len=4096 exceeds model.max_seq_len=1024"),
+    (["parallel.ep=3"], 3, "parallel.ep=3 must divide model.moe.num_experts=8"),
+    (["model.moe.top_k=9"], 1, "model.moe.top_k=9: must be in [1, model.moe.num_experts=8]"),
+    (["trainer.precision=fp16"], 1, "trainer.precision='fp16': use fp32 or bf16"),
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.tp > 1"),
+    (["optim.beta2=1.5"], 1, "optim.beta2=1.5: must be in [0, 1)"),
+    (["data.split='90,10'"], 1, "data.split='90,10': use three comma-separated weights"),
+])
+def test_bad_values_name_field_and_fix(overrides, world, message):
+    with pytest.raises(ConfigError) as e:
+        compose_and_validate(*overrides, world=world)
+    assert message in str(e.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        compose_and_validate("optim.lr=-1", "trainer.max_steps=0")
+    assert "optim.lr" in str(e.value) and "trainer.max_steps" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["recipe=no_such_recipe"], "no_such_recipe"),
+    (["recipe=tiny_moe", "optim.lr=abc"], "optim.lr"),
+    (["recipe=tiny_moe", "optim.not_a_field=1"], "not_a_field"),
+    (["trainer.max_steps=3"], "no recipe given: add recipe=NAME"),
+])
+def test_compose_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        compose_config(overrides)
+    assert message in str(e.value)
+    if overrides[0] == "recipe=no_such_recipe":
+        assert "tiny_moe" in str(e.value)  # lists the available recipes
+
+
+def test_trainer_entry_point_fails_before_process_group_work():
+    # A world size of 3 under torchrun-like env but no rendezvous: a bad config must exit with code 2
+    # and the message, never trying to connect.
+    env = {"WORLD_SIZE": "3", "RANK": "0", "PATH": "/usr/bin:/bin"}
+    import os
+    env = {**os.environ, **env}
+    p = subprocess.run([sys.executable, "-m", "shardwise.train", "recipe=tiny_moe", "parallel.tp=2"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2, p.stderr
+    assert "world size 3 is not divisible by parallel.tp*parallel.pp = 2*1" in p.stderr
+
+
+def test_launcher_argument_split():
+    torchrun, overrides = split_args(["--nproc-per-node", "4", "--max-restarts=2", "recipe=tiny_moe", "optim.lr=1e-3"])
+    assert torchrun == ["--nproc-per-node", "4", "--max-restarts=2"]
+    assert overrides == ["recipe=tiny_moe", "optim.lr=1e-3"]
+    args = build_torchrun_args(["--nproc-per-node=2", "recipe=tiny_moe"])
+    assert "--standalone" in args and args[args.index("-m") + 1] == "shardwise.train"
+    assert any(a.startswith("run_dir=runs/tiny_moe/") for a in args)
+    multi = build_torchrun_args(["--nnodes=2", "--rdzv-endpoint=h:29500", "--nproc-per-node=2", "recipe=tiny_moe", "run_dir=x"])
+    assert "--standalone" not in multi and multi[-1] == "run_dir=x"
