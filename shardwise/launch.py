@@ -8,7 +8,6 @@ same place. Later issues start the per-node services (snapshot manager) here bef
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -51,28 +50,40 @@ def build_torchrun_args(argv: Sequence[str]) -> list[str]:
     return [*torchrun, "-m", "shardwise.train", *overrides]
 
 
+def _flag_value(args: list[str], *names: str) -> Optional[str]:
+    """Value of a torchrun flag given as `--flag=v` or `--flag v`."""
+    for i, a in enumerate(args):
+        key, _, value = a.partition("=")
+        if key in names:
+            return value if value else (args[i + 1] if i + 1 < len(args) else None)
+    return None
+
+
+def world_size(torchrun_args: list[str]) -> Optional[int]:
+    """nproc_per_node * nnodes when both are fixed numbers (elastic ranges like 1:4 give None)."""
+    nproc = _flag_value(torchrun_args, "--nproc-per-node", "--nproc_per_node") or "1"
+    nnodes = _flag_value(torchrun_args, "--nnodes") or "1"
+    return int(nproc) * int(nnodes) if nproc.isdigit() and nnodes.isdigit() else None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from torch.distributed.run import main as torchrun_main
 
-    args = build_torchrun_args(sys.argv[1:] if argv is None else argv)
-    print("shardwise-launch: torchrun " + " ".join(args), flush=True)
-    # Fail on a bad config here, once, instead of in N workers.
     from .trainer.compose import compose_config
     from .trainer.validate import ConfigError, validate_config
 
-    overrides = args[args.index("shardwise.train") + 1:]
+    args = build_torchrun_args(sys.argv[1:] if argv is None else argv)
+    split = args.index("-m")
+    print("shardwise-launch: torchrun " + " ".join(args), flush=True)
+    # Fail on a bad config here, once, instead of in N workers.
     try:
-        cfg, _ = compose_config(overrides)
-        nproc = next(a.split("=", 1)[1] for a in args if a.startswith(("--nproc-per-node=", "--nproc_per_node=")))
-        nnodes = os.environ.get("NNODES", "1")
-        nn_flag = next((a.split("=", 1)[1] for a in args if a.startswith(("--nnodes=",))), nnodes)
-        if nproc.isdigit() and nn_flag.isdigit():
-            validate_config(cfg, int(nproc) * int(nn_flag))
+        cfg, _ = compose_config(args[split + 2:])
+        world = world_size(args[:split])
+        if world is not None:
+            validate_config(cfg, world)
     except ConfigError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         sys.exit(2)
-    except StopIteration:
-        pass
     torchrun_main(args)
 
 

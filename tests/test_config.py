@@ -96,3 +96,14 @@ def test_launcher_argument_split():
     assert any(a.startswith("run_dir=runs/tiny_moe/") for a in args)
     multi = build_torchrun_args(["--nnodes=2", "--rdzv-endpoint=h:29500", "--nproc-per-node=2", "recipe=tiny_moe", "run_dir=x"])
     assert "--standalone" not in multi and multi[-1] == "run_dir=x"
+
+
+def test_launcher_rejects_bad_config_before_starting_workers():
+    import os
+    env = {**os.environ}
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.run([sys.executable, "-m", "shardwise.launch", "--nproc-per-node", "3", "recipe=tiny_moe"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2
+    assert "data.global_batch_size=16 is not divisible by data.micro_batch_size*dp = 4*3" in p.stderr
+    assert "Starting elastic_operator" not in p.stderr + p.stdout

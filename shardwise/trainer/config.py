@@ -160,7 +160,7 @@ class TrainerConfig:
     eval_every: int = 0
     """Evaluate on the validation split every N steps; 0 = never."""
     eval_iters: int = 4
-    """Micro-batches per evaluation."""
+    """Micro-batches per evaluation, over all data-parallel ranks (a fixed set: same loss at any dp size)."""
     precision: str = "fp32"
     """`fp32` or `bf16` (autocast; parameters, gradients and optimizer states stay fp32)."""
     device: str = "auto"

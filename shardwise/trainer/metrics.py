@@ -68,6 +68,7 @@ class MetricsLogger:
         self._wandb = None
         if not enabled:
             return
+        run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm

@@ -70,7 +70,7 @@ class Trainer:
         self.num_micro_global = micro_per_rank * self.dp_size
         train_ds, valid_ds = build_datasets(
             d, seed=t.seed, train_samples=t.max_steps * d.global_batch_size,
-            eval_samples=t.eval_iters * d.micro_batch_size * self.dp_size if t.eval_every else 1,
+            eval_samples=t.eval_iters * d.micro_batch_size if t.eval_every else 0,
             vocab_size=cfg.model.vocab_size)
         self.data = GlobalBatchIterator(
             train_ds, global_batch_size=d.global_batch_size, micro_batch_size=d.micro_batch_size,

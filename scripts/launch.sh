@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# torchrun launcher for shardwise, single node or multi-node (c10d rendezvous).
+#
+#   scripts/launch.sh recipe=tiny_moe [key=value ...]                      # one node, all GPUs (or 2 CPU procs)
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 scripts/launch.sh recipe=...    # run on every node, NODE_RANK 0..3
+#
+# Environment (all optional):
+#   NPROC_PER_NODE  processes per node (default: visible GPUs, else 2)
+#   NNODES          nodes (default 1: --standalone, no rendezvous server needed)
+#   NODE_RANK       this node's index (multi-node only, default 0)
+#   MASTER_ADDR     host of the c10d rendezvous (multi-node: required)
+#   MASTER_PORT     rendezvous port (default 29500)
+#   RDZV_ID         job id shared by all nodes (default: $SLURM_JOB_ID or "shardwise")
+#   MAX_RESTARTS    torchrun worker restarts on failure (default 0)
+#   RUN_DIR         output directory shared by all ranks (default runs/<recipe>/<timestamp>)
+#   PYTHON          interpreter (default python)
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 2)')
+fi
+NNODES=${NNODES:-1}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+
+recipe=run
+for arg in "$@"; do [[ "$arg" == recipe=* ]] && recipe=${arg#recipe=}; done
+# One run dir for every rank of every node, fixed before launch (a timestamp taken per node would differ).
+RUN_DIR=${RUN_DIR:-runs/${recipe}/${SLURM_JOB_ID:-$(date +%Y%m%d-%H%M%S)}}
+
+args=(--nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS")
+if [[ "$NNODES" == 1 ]]; then
+  args+=(--standalone)
+else
+  : "${MASTER_ADDR:?multi-node runs need MASTER_ADDR (host of node 0)}"
+  args+=(--nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" --rdzv-backend c10d
+         --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-shardwise}}")
+fi
+
+set -x
+exec "$PYTHON" -m torch.distributed.run "${args[@]}" -m shardwise.train "$@" "run_dir=${RUN_DIR}"
