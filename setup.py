@@ -21,7 +21,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "tokenizers"],
+        "dev": ["pytest>=7", "pytest-timeout", "tokenizers", "wandb"],
         "wandb": ["wandb"],
         "deepspeed": ["deepspeed>=0.16"],
         # megatron-core is already a base dependency (datasets); the extra is kept so that
