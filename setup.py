@@ -21,7 +21,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "tokenizers", "wandb"],
+        "dev": ["pytest>=7", "pytest-timeout", "tokenizers", "wandb", "matplotlib"],
+        # Plots of scripts/bench/ (JSON is written without it).
+        "bench": ["matplotlib"],
         "wandb": ["wandb"],
         "deepspeed": ["deepspeed>=0.16"],
         # megatron-core is already a base dependency (datasets); the extra is kept so that

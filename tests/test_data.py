@@ -177,7 +177,7 @@ def test_preprocess_large_vocab_uses_int32_and_workers_keep_order(tmp_path):
     tok_path = hf_tokenizer_json(tmp_path / "big.json", extra=70000)
     docs = [f"w{i} w{69999 - i} cat" for i in range(50)]
     s1 = preprocess([write_jsonl(tmp_path / "d.jsonl", docs)], tmp_path / "big1", tok_path)
-    s2 = preprocess([tmp_path / "d.jsonl"], tmp_path / "big2", tok_path, workers=2)
+    preprocess([tmp_path / "d.jsonl"], tmp_path / "big2", tok_path, workers=2)
     got, dtype = read_docs(tmp_path / "big1")
     assert s1.dtype == "int32" and dtype == np.int32
     assert max(got[1]) > 65536
