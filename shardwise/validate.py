@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from .models import count_parameters, flops_per_token
 from .trainer.compose import compose_config, to_yaml
-from .trainer.validate import ConfigError, dp_size, validate_config
+from .trainer.validate import ConfigError, dp_size, parallel_layout, validate_config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,7 +30,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"recipe {recipe}: valid for world size {args.world_size}")
     print(f"  parameters {c.total / 1e9:.3f}B total, {c.active / 1e9:.3f}B active per token")
     print(f"  {flops_per_token(cfg.model, d.seq_len) / 1e9:.2f} GFLOPs per trained token at seq_len {d.seq_len}")
-    print(f"  layout tp={p.tp} pp={p.pp} dp={dp} ep={p.ep}; {d.global_batch_size // (d.micro_batch_size * dp)} "
+    sizes, _ = parallel_layout(p, args.world_size)
+    levels = f" (pair {sizes['dp_pair']} x node {sizes['dp_node']} x inter {sizes['dp_inter']})" if sizes else ""
+    print(f"  layout tp={p.tp}{' +sp' if p.sequence_parallel else ''} pp={p.pp} dp={dp}{levels} ep={p.ep}; "
+          f"{d.global_batch_size // (d.micro_batch_size * dp)} "
           f"micro-batch(es) of {d.micro_batch_size} per data-parallel rank per step")
     return 0
 

@@ -48,6 +48,17 @@ def test_cluster_recipe_validates_for_its_world_but_not_others():
     (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.tp > 1"),
     (["optim.beta2=1.5"], 1, "optim.beta2=1.5: must be in [0, 1)"),
     (["data.split='90,10'"], 1, "data.split='90,10': use three comma-separated weights"),
+    (["parallel.tp=8"], 8, "parallel.tp=8 must divide model.num_heads=4"),
+    (["parallel.tp=4"], 4, "parallel.tp=4 must divide model.num_kv_heads=2"),
+    (["parallel.tp=2", "model.vocab_size=321"], 2, "parallel.tp=2 must divide model.vocab_size=321"),
+    (["parallel.tp=2", "model.moe.expert_ffn_hidden_size=129"], 2,
+     "parallel.tp=2 must divide the expert width model.moe.expert_ffn_hidden_size=129"),
+    (["parallel.tp=2", "model.ffn_hidden_size=353"], 2, "parallel.tp=2 must divide model.ffn_hidden_size=353"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=65"], 2,
+     "data.seq_len=65 must be divisible by parallel.tp=2 for sequence parallel"),
+    (["parallel.dp_pair=3"], 4, "parallel.dp_pair*parallel.dp_node = 3*1 must divide the data-parallel size 4"),
+    (["parallel.dp_inter=3"], 4, "parallel.dp_inter=3 but data-parallel size 4 / (dp_pair*dp_node) = 4"),
+    (["parallel.ranks_per_node=3"], 4, "parallel.ranks_per_node=3 must divide the world size 4"),
 ])
 def test_bad_values_name_field_and_fix(overrides, world, message):
     with pytest.raises(ConfigError) as e:

@@ -159,6 +159,19 @@ class GroupedExperts(nn.Module):
         return grouped_matmul(h, self.w2, counts)
 
 
+class NoTensorParallel:
+    """Identity region markers of MoELayer (one device). Tensor parallel swaps in
+    `shardwise.parallel.tensor_parallel.TPRegion`: the sequence is gathered so the router sees the
+    whole micro-batch (same capacity and aux loss as one device), the router runs replicated, and
+    the experts, which hold a slice of their inner width, sit between enter and exit."""
+
+    @staticmethod
+    def gather_sequence(x):
+        return x
+
+    enter = exit = scatter_sequence = gather_sequence
+
+
 @dataclass
 class MoEStats:
     """Detached per-layer routing statistics for metrics."""
@@ -188,9 +201,11 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(num_experts, hidden, expert_ffn_hidden)
         self.shared = SwiGLU(hidden, shared_experts * expert_ffn_hidden) if shared_experts else None
         self.dispatcher = LocalDispatcher()
+        self.tp_region = NoTensorParallel()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MoEStats]:
         """x [B, S, d] -> (output [B, S, d], weighted aux+z loss (scalar), stats)."""
+        x = self.tp_region.gather_sequence(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         t = x2.shape[0]
@@ -211,10 +226,14 @@ class MoELayer(nn.Module):
             # zero MoE output, so the block's residual connection passes it through unchanged.
             token_idx, flat_e, weights = token_idx[keep], flat_e[keep], weights[keep]
 
-        xs, seg_counts, order = self.dispatcher.dispatch(x2, token_idx, flat_e, self.num_experts)
+        # Tensor-parallel region: experts hold a slice of their width, so their outputs (and the
+        # gradients of the combine weights) are partial sums until exit.
+        xe, weights = self.tp_region.enter(x2), self.tp_region.enter(weights)
+        xs, seg_counts, order = self.dispatcher.dispatch(xe, token_idx, flat_e, self.num_experts)
         ys = self.experts(xs, seg_counts)
         out = self.dispatcher.combine(ys, order, token_idx, weights, t)
         if self.shared is not None:
-            out = out + self.shared(x2)
+            out = out + self.shared(xe)
+        out = self.tp_region.exit(out)
         stats = MoEStats(counts.detach(), dropped.detach())
-        return out.reshape(shape).to(x.dtype), aux, stats
+        return self.tp_region.scatter_sequence(out.reshape(shape).to(x.dtype)), aux, stats

@@ -70,11 +70,26 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        # Set by tensor parallel (shardwise.parallel.parallelize): computes logits / per-token CE from the
+        # vocabulary shard of the head weight without materialising full logits. None = plain head.
+        self.tp_head: Optional[nn.Module] = None
         init_weights(self, cfg.init_std, cfg.num_layers)
 
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.output is None else self.output.weight
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.embed.weight if self.output is None else self.output.weight
-        return F.linear(h, w)
+        """Full-vocabulary logits of final hidden states h."""
+        if self.tp_head is not None:
+            return self.tp_head(h, self.head_weight(), None)[0]
+        return F.linear(h, self.head_weight())
+
+    def token_losses(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [B, S] (fp32) of final hidden states h."""
+        if self.tp_head is not None:
+            return self.tp_head(h, self.head_weight(), labels)[1].flatten()
+        logits = F.linear(h, self.head_weight())
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
 
     def forward(
         self,
@@ -95,10 +110,10 @@ class Transformer(nn.Module):
             if layer_aux is not None:
                 aux = aux + layer_aux
                 stats.append(layer_stats)
-        logits = self.logits(self.norm(h))
+        h = self.norm(h)
         if labels is None:
-            return ModelOutput(torch.zeros(()), torch.zeros(()), aux, stats, logits=logits)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+            return ModelOutput(torch.zeros(()), torch.zeros(()), aux, stats, logits=self.logits(h))
+        ce = self.token_losses(h, labels)
         mask = torch.ones_like(ce) if loss_mask is None else loss_mask.flatten().to(ce.dtype)
         return ModelOutput((ce * mask).sum(), mask.sum(), aux, stats)
 

@@ -84,7 +84,17 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel size, carved from the data-parallel ranks; must divide moe.num_experts."""
     dp: Optional[int] = None
-    """Data-parallel size; null = world_size / (tp * pp). If set it must equal that quotient."""
+    """Data-parallel size; null = world_size / (tp * pp). If set it must equal that quotient
+    (= dp_pair * dp_node * dp_inter)."""
+    dp_pair: int = 1
+    """Innermost data-parallel level (ranks right after tp, e.g. the two GCDs of an MI250X); 1 = unused."""
+    dp_node: int = 1
+    """Middle data-parallel level (e.g. the GPU pairs of one node); 1 = unused."""
+    dp_inter: Optional[int] = None
+    """Outermost data-parallel level (e.g. the nodes); null = dp / (dp_pair * dp_node)."""
+    ranks_per_node: Optional[int] = None
+    """Ranks that share a machine; null = LOCAL_WORLD_SIZE from torchrun. Set it to make one machine
+    act as several nodes (tests, emulated clusters). Must divide the world size."""
     sequence_parallel: bool = False
     """Split norm/dropout activations along the sequence between TP regions (needs tp > 1)."""
     microbatches: Optional[int] = None

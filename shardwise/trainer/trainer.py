@@ -7,6 +7,11 @@ MoE aux loss divided by the global number of micro-batches, and gradients are *s
 averaged) across data-parallel ranks. The data iterator gives micro-batch j of the global batch to
 the same place in the computation whatever the number of ranks, so per-micro-batch quantities (MoE
 capacity, aux loss) are identical too.
+
+Tensor parallel (shardwise.parallel): the tp ranks of one data-parallel rank get the same batch and
+compute the same loss; DDP reduces over the dp group only; under sequence parallel the norm
+weights' gradients are summed over tp; the clipping norm counts tp-sharded gradients on every rank
+(squares summed over tp) and replicated ones once.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models import build_model, count_parameters, flops_per_token
+from ..parallel import ParallelDims, parallelize_model
+from ..parallel.tensor_parallel import allreduce_sequence_parallel_grads, clip_grad_norm_
 from .config import ShardwiseConfig
 from .data import GlobalBatchIterator, build_datasets, eval_batches
 from .distributed import DistEnv, all_reduce_sum
@@ -54,14 +61,18 @@ class Trainer:
         seed_everything(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        # Data parallel only for now: every rank is a replica (the mesh issue adds tp/pp/ep groups).
-        self.dp_group = None
-        self.dp_rank, self.dp_size = env.rank, env.world_size
+        # The layout: every group comes from here. Ranks of one dp rank (its tp ranks) see the same data.
+        self.dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.local_world_size).build_mesh(env.device.type)
+        self.dp_group, self.tp_group = self.dims.group("dp"), self.dims.group("tp")
+        self.dp_rank, self.dp_size = self.dims.my_coords["dp"], self.dims.dp
 
-        self.model: nn.Module = build_model(cfg.model, t.seed, env.device)
+        # Full model on CPU under the seed (same init at any layout), then this rank's part of it.
+        self.model: nn.Module = parallelize_model(build_model(cfg.model, t.seed, "cpu"), self.dims, cfg.parallel)
+        self.model.to(env.device)
         self.raw_model = self.model
         if self.dp_size > 1:
-            self.model = DDP(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            self.model = DDP(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                             process_group=self.dp_group)
             self.model.register_comm_hook(self.dp_group, _sum_allreduce_hook)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
@@ -85,9 +96,11 @@ class Trainer:
         self.step = 0
         self.stop_requested = False
         counts = count_parameters(cfg.model)
-        log.info("model %s: %.2fM parameters (%.2fM active), %.3g FLOPs/token; %d rank(s), %d micro-batch(es) "
-                 "of %d per rank per step", cfg.model.name, counts.total / 1e6, counts.active / 1e6,
-                 self.flops_per_token, env.world_size, micro_per_rank, d.micro_batch_size)
+        log.info("model %s: %.2fM parameters (%.2fM active), %.3g FLOPs/token; %d rank(s) as tp=%d%s x dp=%d, "
+                 "%d micro-batch(es) of %d per data-parallel rank per step", cfg.model.name, counts.total / 1e6,
+                 counts.active / 1e6, self.flops_per_token, env.world_size, self.dims.tp,
+                 " (sequence parallel)" if cfg.parallel.sequence_parallel else "", self.dp_size, micro_per_rank,
+                 d.micro_batch_size)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
@@ -120,8 +133,12 @@ class Trainer:
                 expert_counts = c if expert_counts is None else expert_counts + c
                 dropped += torch.stack([s.dropped_fraction for s in out.moe_stats]).mean()
 
+        # Gradients are now summed over dp (DDP); under sequence parallel the norm weights' gradients
+        # are still partial over tp (each rank normalised its sequence shard).
+        if self.cfg.parallel.sequence_parallel:
+            allreduce_sequence_parallel_grads(self.raw_model, self.tp_group)
         clip = self.cfg.optim.grad_clip
-        grad_norm = nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip if clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm_(self.raw_model, clip if clip > 0 else float("inf"), self.tp_group)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -134,7 +151,10 @@ class Trainer:
         if expert_counts is not None:
             parts.append(expert_counts.flatten())
         packed = all_reduce_sum(torch.cat(parts), self.dp_group).cpu()
-        self.stop_requested = bool(packed[3] > 0)
+        stop = packed[3:4].clone()
+        if self.dp_size != self.env.world_size:  # metrics are replicated over tp; the stop flag is not
+            stop = all_reduce_sum(stop.to(self.env.device), None).cpu()
+        self.stop_requested = bool(stop[0] > 0)
         step_time = time.perf_counter() - t0
         tokens = self.cfg.data.global_batch_size * self.cfg.data.seq_len
         tps = tokens / step_time

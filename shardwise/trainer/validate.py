@@ -28,6 +28,44 @@ def dp_size(cfg: ShardwiseConfig, world_size: int) -> int:
     return world_size // (p.tp * p.pp) if p.tp > 0 and p.pp > 0 else 0
 
 
+def parallel_layout(p, world_size: int) -> tuple[dict[str, int], list[str]]:
+    """Resolve the mesh sizes {tp, dp_pair, dp_node, dp_inter, dp, pp, ep} of
+    ParallelConfig `p` for `world_size` ranks; ({}, problems) when they do not fit. Shared by
+    validate_config and ParallelDims so the two can never disagree."""
+    problems: list[str] = []
+    for name in ("tp", "pp", "ep", "dp_pair", "dp_node"):
+        _positive(problems, f"parallel.{name}", getattr(p, name))
+    for name in ("dp", "dp_inter", "ranks_per_node"):
+        _positive(problems, f"parallel.{name}", getattr(p, name))
+    if problems:
+        return {}, problems
+    if world_size % (p.tp * p.pp):
+        return {}, [f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {p.tp}*{p.pp}: "
+                    "change the process count or the parallel sizes"]
+    dp = world_size // (p.tp * p.pp)
+    if p.dp is not None and p.dp != dp:
+        problems.append(f"parallel.dp={p.dp} but world size {world_size} / (tp*pp) = {dp}: "
+                        "set parallel.dp=null or fix the process count")
+    inner = p.dp_pair * p.dp_node
+    if dp % inner:
+        problems.append(f"parallel.dp_pair*parallel.dp_node = {p.dp_pair}*{p.dp_node} must divide the "
+                        f"data-parallel size {dp} (= world {world_size} / (tp*pp))")
+        return {}, problems
+    dp_inter = dp // inner
+    if p.dp_inter is not None and p.dp_inter != dp_inter:
+        problems.append(f"parallel.dp_inter={p.dp_inter} but data-parallel size {dp} / (dp_pair*dp_node) = "
+                        f"{dp_inter}: set parallel.dp_inter=null or fix the sizes")
+    if p.ranks_per_node is not None and world_size % p.ranks_per_node:
+        problems.append(f"parallel.ranks_per_node={p.ranks_per_node} must divide the world size {world_size}")
+    if p.ep > 1 and dp % p.ep:
+        problems.append(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (experts are spread "
+                        "over data-parallel ranks)")
+    if problems:
+        return {}, problems
+    return {"tp": p.tp, "dp_pair": p.dp_pair, "dp_node": p.dp_node, "dp_inter": dp_inter, "dp": dp,
+            "pp": p.pp, "ep": p.ep}, []
+
+
 def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
     """Raise ConfigError listing every problem of `cfg` for a job of `world_size` processes."""
     problems: list[str] = []
@@ -67,21 +105,12 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
         if not 0 <= moe.first_dense_layers <= m.num_layers:
             problems.append(f"model.moe.first_dense_layers={moe.first_dense_layers}: must be in [0, model.num_layers]")
 
-    for name in ("tp", "pp", "ep"):
-        _positive(problems, f"parallel.{name}", getattr(p, name))
     _positive(problems, "parallel.timeout_s", p.timeout_s)
     if p.backend not in ("auto", "nccl", "gloo"):
         problems.append(f"parallel.backend={p.backend!r}: use auto, nccl or gloo")
-    dp = 0
-    if p.tp > 0 and p.pp > 0:
-        if world_size % (p.tp * p.pp):
-            problems.append(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {p.tp}*{p.pp}: "
-                            "change the process count or the parallel sizes")
-        else:
-            dp = world_size // (p.tp * p.pp)
-            if p.dp is not None and p.dp != dp:
-                problems.append(f"parallel.dp={p.dp} but world size {world_size} / (tp*pp) = {dp}: "
-                                "set parallel.dp=null or fix the process count")
+    layout, layout_problems = parallel_layout(p, world_size)
+    problems += layout_problems
+    dp = layout["dp"] if layout else 0
     if p.tp > 1:
         if m.num_heads % p.tp:
             problems.append(f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}")
@@ -91,6 +120,13 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
             problems.append(f"parallel.tp={p.tp} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
         if m.vocab_size % p.tp:
             problems.append(f"parallel.tp={p.tp} must divide model.vocab_size={m.vocab_size} (pad the vocabulary)")
+        if m.hidden_size % p.tp:
+            problems.append(f"parallel.tp={p.tp} must divide model.hidden_size={m.hidden_size}")
+        if moe.num_experts > 0:
+            f = moe.expert_ffn_hidden_size or m.ffn_hidden_size
+            if f % p.tp:
+                problems.append(f"parallel.tp={p.tp} must divide the expert width "
+                                f"model.moe.expert_ffn_hidden_size={f} (experts are split on it)")
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and p.tp > 1 and d.seq_len % p.tp:
@@ -102,9 +138,6 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
             problems.append(f"parallel.ep={p.ep} needs an MoE model (model.moe.num_experts > 0)")
         elif moe.num_experts % p.ep:
             problems.append(f"parallel.ep={p.ep} must divide model.moe.num_experts={moe.num_experts}")
-        if dp and dp % p.ep:
-            problems.append(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (experts are spread "
-                            "over data-parallel ranks)")
 
     _positive(problems, "optim.lr", o.lr)
     _positive(problems, "optim.min_lr", o.min_lr, allow_zero=True)
@@ -143,14 +176,13 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-# Parallel features whose issues have not landed yet: a layout using them validates (so cluster
+# Parallel features whose issues have not landed yet (pipeline, expert parallel): a layout using them validates (so cluster
 # recipes can be checked here) but the trainer refuses to run it rather than silently ignore it.
 def check_supported(cfg: ShardwiseConfig) -> None:
     p = cfg.parallel
-    missing = [f"parallel.{n}={getattr(p, n)}" for n in ("tp", "pp", "ep") if getattr(p, n) > 1]
-    if p.sequence_parallel:
-        missing.append("parallel.sequence_parallel=true")
+    missing = [f"parallel.{n}={getattr(p, n)}" for n in ("pp", "ep") if getattr(p, n) > 1]
     if missing:
         raise ConfigError(
-            f"{', '.join(missing)}: not implemented in this version of the trainer (data parallel only); "
+            f"{', '.join(missing)}: not implemented in this version of the trainer (data + tensor/sequence "
+            "parallel only); "
             "set them to 1/false to train, or use shardwise-validate to check a cluster layout")

@@ -1,0 +1,129 @@
+"""`parallelize_model`: apply the parallelisms to a freshly built full model, in DESIGN.md §3 order.
+
+The model is built whole on CPU under the seed (identical on every rank), then each step below
+replaces modules/parameters by this rank's part. The forward code is unchanged: layers derive their
+local head counts and widths from the (sharded) weight shapes.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..models.layers import Attention, RMSNorm, SwiGLU
+from ..models.moe import MoELayer
+from ..models.transformer import Transformer
+from .mesh import ParallelDims
+from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TPRegion, _size, enter_tp_region, mark_sharded,
+                              shard)
+from .vocab_parallel import VocabParallelEmbedding, VocabParallelHead
+
+
+def parallelize_model(model: Transformer, dims: ParallelDims, cfg) -> Transformer:
+    """Return `model` split for this rank according to `dims` (cfg: the ParallelConfig)."""
+    # 1. Pipeline parallel (pp issue): split the layers into stages here, before the per-layer steps.
+    # 2. Tensor (+ sequence) parallel.
+    if dims.tp > 1:
+        apply_tensor_parallel(model, dims.group("tp"), cfg.sequence_parallel)
+    # 3. Expert parallel (ep issue): give each ep rank its slice of the experts and swap the
+    #    LocalDispatcher for the all-to-all one over dims.group("ep").
+    # 4. ZeRO (zero issue): wrap units in the flat-buffer engine over dims.group("dp") levels
+    #    (expert parameters over dims.group("edp")); until then the trainer wraps DDP over dp.
+    return model
+
+
+def _enter_hook(group, sequence_parallel, module, args):
+    return (enter_tp_region(args[0], group, sequence_parallel), *args[1:])
+
+
+def _check_divides(tp: int, what: str, n: int) -> None:
+    if n % tp:
+        raise ValueError(f"tensor parallel: parallel.tp={tp} must divide {what}={n}")
+
+
+def _swiglu_tp(mlp: SwiGLU, group, sp: bool, *, in_region: bool) -> None:
+    """w1/w3 column-parallel, w2 row-parallel. in_region: the caller already entered the TP region
+    and sums the output (MoE shared experts), so no hook and no reduction here."""
+    mlp.w1 = ColumnParallelLinear.from_linear(mlp.w1, group, enter_region=False)
+    mlp.w3 = ColumnParallelLinear.from_linear(mlp.w3, group, enter_region=False)
+    mlp.w2 = RowParallelLinear.from_linear(mlp.w2, group, sequence_parallel=sp, reduce_output=not in_region)
+    if not in_region:
+        mlp.register_forward_pre_hook(partial(_enter_hook, group, sp))
+
+
+def apply_tensor_parallel(model: Transformer, group, sequence_parallel: bool) -> None:
+    """Megatron layout: q/k/v and w1/w3 column-parallel (heads / inner width split), wo and w2
+    row-parallel, embedding and head vocab-parallel, experts split on their inner width, router and
+    norms replicated. Under sequence parallel the residual stream is split along the sequence and
+    the norm weights get `sequence_parallel` (their gradients are summed over tp each step)."""
+    tp, sp = _size(group), sequence_parallel
+    cfg = model.cfg
+    _check_divides(tp, "model.vocab_size", cfg.vocab_size)
+    model.embed = VocabParallelEmbedding.from_embedding(model.embed, group, sequence_parallel=sp)
+    if model.output is not None:
+        model.output = ColumnParallelLinear.from_linear(model.output, group, enter_region=False)
+    model.tp_head = VocabParallelHead(group, sp)
+
+    for block in model.layers:
+        attn: Attention = block.attn
+        heads, kv = attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
+        _check_divides(tp, "model.num_heads", heads)
+        _check_divides(tp, "model.num_kv_heads (grouped-query attention: KV heads are split, not replicated)", kv)
+        # Heads are contiguous blocks of head_dim rows, so an even split of the rows splits the heads;
+        # rank r keeps q heads [r*H/tp, ...) and their KV group [r*KV/tp, ...).
+        for name in ("wq", "wk", "wv"):
+            setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), group, enter_region=False))
+        attn.wo = RowParallelLinear.from_linear(attn.wo, group, sequence_parallel=sp)
+        attn.register_forward_pre_hook(partial(_enter_hook, group, sp))
+
+        if isinstance(block.mlp, MoELayer):
+            moe = block.mlp
+            ex = moe.experts
+            _check_divides(tp, "model.moe.expert_ffn_hidden_size", ex.w1.shape[2])
+            ex.w1 = mark_sharded(nn.Parameter(shard(ex.w1, group, 2)), 2)
+            ex.w3 = mark_sharded(nn.Parameter(shard(ex.w3, group, 2)), 2)
+            ex.w2 = mark_sharded(nn.Parameter(shard(ex.w2, group, 1)), 1)
+            if moe.shared is not None:
+                _swiglu_tp(moe.shared, group, sp, in_region=True)
+            moe.tp_region = TPRegion(group, sp)
+        else:
+            _check_divides(tp, "model.ffn_hidden_size", block.mlp.w1.out_features)
+            _swiglu_tp(block.mlp, group, sp, in_region=False)
+
+    if sp:
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.sequence_parallel = True
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, tp_group=None) -> dict[str, torch.Tensor]:
+    """The single-device state dict of a (possibly TP-sharded) model, on every tp rank: sharded
+    parameters (`tp_shard_dim`) are all-gathered over tp. Collective over tp_group."""
+    from .tensor_parallel import _gather
+
+    out = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        dim = getattr(t, "tp_shard_dim", None)
+        t = t.detach()
+        out[key] = (_gather(t, tp_group, dim) if dim is not None else t).clone()
+    return out
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], tp_group=None) -> None:
+    """Load a single-device state dict into a (possibly TP-sharded) model: each rank copies its
+    slice of the sharded parameters. Local; no communication."""
+    own = model.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    for key, t in own.items():
+        full = state[key]
+        dim = getattr(t, "tp_shard_dim", None)
+        part = shard(full, tp_group, dim) if dim is not None else full
+        if part.shape != t.shape:
+            raise ValueError(f"{key}: full shape {tuple(full.shape)} gives a slice {tuple(part.shape)} but this rank "
+                             f"holds {tuple(t.shape)}")
+        t.copy_(part)

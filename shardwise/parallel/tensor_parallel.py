@@ -1,0 +1,309 @@
+"""Megatron-style tensor parallel: explicit autograd collectives and the column/row parallel linears.
+
+Every function takes its process group explicitly (the `tp` group of `ParallelDims`). The regions:
+
+    copy_to_tp          fwd identity            bwd all-reduce      (enter a TP region, replicated input)
+    reduce_from_tp      fwd all-reduce          bwd identity        (leave a TP region, replicated output)
+    scatter_to_seq      fwd keep my seq chunk   bwd all-gather seq
+    gather_seq          fwd all-gather seq      bwd keep my chunk   (the gathered tensor is used replicated)
+    gather_seq_to_tp    fwd all-gather seq      bwd reduce-scatter  (enter a TP region under sequence parallel)
+    reduce_scatter_seq  fwd reduce-scatter seq  bwd all-gather seq  (leave a TP region under sequence parallel)
+
+The sequence dim is dim 1 of [B, S, d] activations. Parameters that are sharded carry
+`p.tp_shard_dim` (the dim split over tp); parameters replicated over tp whose gradient is partial
+under sequence parallel (norm weights) carry `p.sequence_parallel = True` and are summed over tp by
+`allreduce_sequence_parallel_grads` once per step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+SEQ_DIM = 1
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None else 0
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the tensor-parallel size {n}")
+    return x.chunk(n, dim=dim)[_rank(group)].contiguous()
+
+
+def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((n * x.shape[0], *x.shape[1:]))
+    _all_gather_single(out, x, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the tensor-parallel size {n}")
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
+    _reduce_scatter_single(out, x, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ScatterToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.group, ctx.dim), None, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim, grad_partial):
+        ctx.group, ctx.dim, ctx.grad_partial = group, dim, grad_partial
+        return _gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.grad_partial:  # each rank holds a partial sum of the gradient: sum, keep my chunk
+            return _reduce_scatter(g, ctx.group, ctx.dim), None, None, None
+        return _split(g, ctx.group, ctx.dim), None, None, None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.group, ctx.dim), None, None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _CopyToTP.apply(x, group) if _size(group) > 1 else x
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceFromTP.apply(x, group) if _size(group) > 1 else x
+
+
+def scatter_to_seq(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    return _ScatterToSeq.apply(x, group, dim) if _size(group) > 1 else x
+
+
+def gather_seq(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """All-gather the sequence for a replicated consumer (backward keeps this rank's chunk)."""
+    return _GatherSeq.apply(x, group, dim, False) if _size(group) > 1 else x
+
+
+def gather_seq_to_tp(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """All-gather the sequence into a TP region (backward reduce-scatters the partial gradients)."""
+    return _GatherSeq.apply(x, group, dim, True) if _size(group) > 1 else x
+
+
+def reduce_scatter_seq(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    return _ReduceScatterSeq.apply(x, group, dim) if _size(group) > 1 else x
+
+
+def enter_tp_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    return gather_seq_to_tp(x, group) if sequence_parallel else copy_to_tp(x, group)
+
+
+def exit_tp_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    return reduce_scatter_seq(x, group) if sequence_parallel else reduce_from_tp(x, group)
+
+
+def shard(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's contiguous chunk of a full tensor along `dim` (no autograd)."""
+    return _split(t.detach(), group, dim).clone()
+
+
+def mark_sharded(p: nn.Parameter, dim: int) -> nn.Parameter:
+    p.tp_shard_dim = dim
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W [out, in] split on `out`: this rank computes out/tp output features.
+
+    enter_region: apply the region entry (copy_to_tp, or all-gather of the sequence under sequence
+    parallel) to the input; False when the caller already entered the region once for several
+    projections sharing an input (q/k/v, w1/w3). gather_output: all-gather the output features.
+    """
+
+    def __init__(self, weight_shard: torch.Tensor, group, sequence_parallel: bool = False,
+                 enter_region: bool = True, gather_output: bool = False):
+        super().__init__()
+        self.weight = mark_sharded(nn.Parameter(weight_shard), 0)
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.enter_region, self.gather_output = enter_region, gather_output
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, **kw) -> "ColumnParallelLinear":
+        if linear.bias is not None:
+            raise NotImplementedError("ColumnParallelLinear: biases are not supported (the model has none)")
+        if linear.out_features % _size(group):
+            raise ValueError(f"output features {linear.out_features} not divisible by tp={_size(group)}")
+        return cls(shard(linear.weight, group, 0), group, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enter_region:
+            x = enter_tp_region(x, self.group, self.sequence_parallel)
+        y = F.linear(x, self.weight)
+        if self.gather_output:
+            y = gather_last_dim(y, self.group)
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W [out, in] split on `in`: the input is already split on its features (the
+    output of a column-parallel layer); the partial products are summed over tp (all-reduce, or
+    reduce-scatter along the sequence under sequence parallel) unless reduce_output=False."""
+
+    def __init__(self, weight_shard: torch.Tensor, group, sequence_parallel: bool = False, reduce_output: bool = True):
+        super().__init__()
+        self.weight = mark_sharded(nn.Parameter(weight_shard), 1)
+        self.group, self.sequence_parallel, self.reduce_output = group, sequence_parallel, reduce_output
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, **kw) -> "RowParallelLinear":
+        if linear.bias is not None:
+            raise NotImplementedError("RowParallelLinear: biases are not supported (the model has none)")
+        if linear.in_features % _size(group):
+            raise ValueError(f"input features {linear.in_features} not divisible by tp={_size(group)}")
+        return cls(shard(linear.weight, group, 1), group, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return exit_tp_region(y, self.group, self.sequence_parallel) if self.reduce_output else y
+
+
+class _GatherLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, group, x.dim() - 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, ctx.group, g.dim() - 1), None
+
+
+def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherLastDim.apply(x, group) if _size(group) > 1 else x
+
+
+class TPRegion:
+    """The tensor-parallel region markers of an MoE layer (see MoELayer.forward): the router runs
+    replicated on the full micro-batch, experts (and shared experts) on a slice of their width."""
+
+    def __init__(self, group, sequence_parallel: bool):
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def gather_sequence(self, x):  # sequence shards -> the whole micro-batch, used replicated
+        return gather_seq(x, self.group) if self.sequence_parallel else x
+
+    def enter(self, x):  # replicated -> input of the sharded experts (bwd: sum partial grads)
+        return copy_to_tp(x, self.group)
+
+    def exit(self, y):  # partial sums of the sharded experts -> replicated (SP: deferred, see below)
+        return y if self.sequence_parallel else reduce_from_tp(y, self.group)
+
+    def scatter_sequence(self, y):
+        """Whole micro-batch -> this rank's sequence shard. Under SP the exit's sum is fused here:
+        reduce-scatter (bwd all-gather) is exactly all-reduce + keep my chunk, at half the bytes."""
+        return reduce_scatter_seq(y, self.group) if self.sequence_parallel else y
+
+
+def allreduce_sequence_parallel_grads(model: nn.Module, group) -> None:
+    """Sum over tp the gradients of replicated parameters computed on sequence shards (norm
+    weights under sequence parallel): each rank saw only its part of the tokens. One flat
+    all-reduce per step, after gradient accumulation."""
+    if _size(group) == 1:
+        return
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group=None) -> torch.Tensor:
+    """Clip to the *global* gradient norm of a TP-sharded model: squares of sharded parameters
+    (`tp_shard_dim`) are summed over tp; replicated parameters (identical on every tp rank once
+    their gradients are final) are counted once. Same formula as torch.nn.utils.clip_grad_norm_.
+    Gradients must already be reduced over data parallel."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    dev = params[0].grad.device
+    sharded = [p.grad for p in params if hasattr(p, "tp_shard_dim")]
+    replicated = [p.grad for p in params if not hasattr(p, "tp_shard_dim")]
+
+    def sq(gs):
+        return torch.stack([g.detach().float().pow(2).sum() for g in gs]).sum() if gs else torch.zeros((), device=dev)
+
+    sharded_sq = sq(sharded)
+    if _size(tp_group) > 1:
+        dist.all_reduce(sharded_sq, group=tp_group)
+    total = (sharded_sq + sq(replicated)).sqrt()
+    if max_norm > 0 and max_norm != float("inf"):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return total
