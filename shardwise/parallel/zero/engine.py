@@ -1,0 +1,407 @@
+"""ZeroEngine: hierarchical ZeRO stages 0-3 on flat per-unit buffers (DESIGN.md §4).
+
+    engine = ZeroEngine(model, ZeroConfig(stage=3), optim_cfg, levels=[g_pair, g_node, g_inter], dp_group=g_dp,
+                        ranks_per_node=8, device=device)
+    for i, mb in enumerate(micro_batches):
+        with (engine.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext()):
+            out = engine(mb["tokens"], mb["labels"], mb["loss_mask"])
+            (out.ce_sum / global_tokens + out.aux_loss / num_micro_global).backward()
+    norm = engine.clip_grad_norm_(max_norm)
+    engine.optimizer.step(); scheduler.step(); engine.zero_grad()   # or engine.step(lr)
+
+Per unit (a transformer block; the embedding; the final norm + head; or, with tied embeddings, one unit
+for all root parameters) the engine keeps: `flat` (compute dtype, padded to a multiple of the dp size G;
+the model's parameters are views into it; stage 3 frees its storage between uses), `shard` (stage 3:
+this rank's compute-dtype slice), `master` (fp32 slice: 1/G of the unit for stages 1-3, all of it for
+stage 0), `grad_acc` (fp32 full-size gradient accumulator; persistent for stages 0-1, only from the first
+gradient of a backward to the unit's reduction for stages 2-3) and `grad_shard` (fp32 reduced slice,
+stages 1-3). Gradients reach `grad_acc` through post-accumulate-grad hooks; when all of a unit's
+gradients are in (and we are not inside `no_sync()`), its reduce-scatter (innermost level first) starts.
+Gradients are SUMMED over data parallel (the trainer normalises the loss by global token count).
+
+Contract for the caller (trainer):
+- call forward through `engine(...)` or `engine.module(...)` (hooks live on the module); run every
+  micro-batch but the last inside `engine.no_sync()`; exactly one synchronised backward per step;
+- then `engine.clip_grad_norm_(max_norm)` (never torch's or the TP clip on the module: the module's
+  .grad are always None, gradients live in the engine), then `engine.optimizer.step()` (or
+  `engine.step(lr)`), `scheduler.step()`, `engine.zero_grad()`;
+- all ranks must hold the same initial parameters (build the model under the same seed);
+- mixed precision: either `param_dtype=torch.bfloat16` (compute copies in bf16; fp32 masters and
+  accumulation) without autocast, or fp32 params under autocast (for stage 3 prefer
+  `torch.autocast(..., cache_enabled=False)`, else autocast caches bf16 copies of all weights);
+  no loss scaling is needed for bf16 (fp16 is not supported);
+- activation checkpointing works (a recompute inside backward keeps its unit gathered until the unit's
+  gradients are done; tests/test_zero_overlap_tp.py);
+- the module's own state_dict() is meaningless under stage 3 (freed storage): use full_state_dict().
+
+Communication per step with m micro-batches per rank (M = bytes of the padded model in the param dtype,
+Mg = the same in `reduce_dtype`; level l of size s_l, inner product P_l = s_0...s_{l-1}; per-rank send
+convention of comm.py): stage 3 sends, over level l, (s_l-1)/s_l * (2m M + Mg) / P_l (forward gather,
+backward re-gather, one gradient reduce-scatter); with hpZ at level h the backward gathers skip levels > h;
+stages 1-2: (s_l-1)/s_l * (Mg + M) / P_l (reduce-scatter + gather of the updated parameters); stage 0:
+an all-reduce of Mg over the dp group. qwZ replaces M by the packed int8 size, qgZ the outermost level's
+Mg share by an all-to-all of the packed gradient shard (see quant.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import quant
+from .comm import ByteCounter, GatherChain, Group, ReduceChain, Topology
+from .config import ZeroConfig, default_level_names, validate
+from .gather import FREE, FULL, ParamGatherMixin
+from .layout import FlatLayout, UnitSpec, default_units
+
+
+class _Unit:
+    def __init__(self, idx: int, spec: UnitSpec, layout: FlatLayout):
+        self.idx, self.spec, self.layout = idx, spec, layout
+        self.name, self.kind = spec.name, spec.kind
+        self.n_grad = sum(1 for s in layout.slots if s.param.requires_grad)
+        self.flat = self.shard = self.master = self.grad_acc = self.grad_shard = None
+        self.secondary = self.ef = None
+        self.state, self.pending, self.reduce = FULL, None, None
+        self.ready, self.done = 0, False
+
+
+def _predicate(spec, default: bool) -> Callable[[str], bool]:
+    """None -> constant `default`; a callable name -> bool as is; else a collection of names."""
+    if spec is None:
+        return lambda name: default
+    if callable(spec):
+        return spec
+    names = set(spec)
+    return lambda name: name in names
+
+
+class ZeroEngine(ParamGatherMixin):
+    """Data-parallel engine (ZeRO stages 0-3) around `model`; see the module docstring.
+
+    cfg: ZeroConfig. optim_cfg: anything with lr, beta1/beta2 (or betas), eps, weight_decay, fused
+    (shardwise OptimConfig). levels: the dp level groups innermost first (e.g. [pair, node, inter]; any
+    may have size 1; one group = flat); their sizes must multiply to the size of dp_group (default: the
+    default group). level_names: default `pair, node, inter` / `node, inter` / `dp` by count; hpZ names
+    one of them. ranks_per_node: for the `inter`/`intra` link classes of comm_bytes(). device: where
+    buffers live (default: the model's). tp_group: tensor-parallel group of this rank (for clipping and
+    tp_partial). tp_replicated: names (or name -> bool) of parameters replicated over tp, counted once
+    in the clipping norm (default: all); the rest have their squares summed over tp. tp_partial: names
+    (or predicate) of parameters whose gradients are partial sums over tp (sequence-parallel norms); they
+    are summed over tp after the dp reduction. param_dtype: dtype of the compute parameters (fp32 or
+    bf16); reduce_dtype: dtype of the gradient reduce-scatter (stages 1-3); units: override the unit split
+    (layout.UnitSpec list, forward order).
+    """
+
+    def __init__(self, model: nn.Module, cfg: ZeroConfig, optim_cfg, levels: Optional[list] = None,
+                 dp_group=None, ranks_per_node: int = 1, device: Union[torch.device, str, None] = None,
+                 tp_group=None, tp_replicated: Union[None, Iterable[str], Callable[[str], bool]] = None,
+                 tp_partial: Union[None, Iterable[str], Callable[[str], bool]] = None,
+                 level_names: Optional[list[str]] = None, param_dtype: torch.dtype = torch.float32,
+                 reduce_dtype: torch.dtype = torch.float32, units: Optional[list[UnitSpec]] = None):
+        levels = list(levels) if levels else [dp_group]
+        names = level_names or default_level_names(len(levels))
+        self.counter = ByteCounter()
+        self.topo = Topology(levels, dp_group if dp_group is not None else levels[0] if len(levels) == 1 else None,
+                             ranks_per_node, names, self.counter)
+        problems = validate(cfg, self.topo.sizes, names)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg, self.stage, self.param_dtype, self.reduce_dtype = cfg, cfg.stage, param_dtype, reduce_dtype
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.module = model.to(self.device)
+        self.tp = Group(tp_group, "group.tp", ranks_per_node, self.counter) if tp_group is not None else None
+        self._tp_rep = _predicate(tp_replicated, True)
+        self._tp_partial = _predicate(tp_partial, False)
+        self.hpz = names.index(cfg.secondary_partition_level) if cfg.secondary_partition_level != "none" else None
+        self.qw = cfg.quantize_weights != "none"
+        self.qg_bits = quant.bits_of(cfg.quantize_gradients) if cfg.quantize_gradients != "none" else 0
+        self._sync, self._cb_queued, self._hooks = True, False, []
+        self._reducing: deque = deque()
+        self._last_bytes = self.counter.snapshot()
+
+        G, sharded = self.topo.dp_size, self.stage >= 1
+        self.units = [_Unit(i, s, FlatLayout.build(s.params, G, self.topo.shard_index, sharded))
+                      for i, s in enumerate(units or default_units(model))]
+        self._slot_of = {}
+        for u in self.units:
+            self._init_unit(u)
+        self._build_optimizer(optim_cfg)
+        self._register_hooks()
+
+    # ---------------------------------------------------------------- setup
+    def _init_unit(self, u: _Unit) -> None:
+        lay = u.layout
+        u.flat = lay.flatten_params(self.param_dtype, self.device)
+        lay.view_params(u.flat)
+        for s in lay.slots:
+            self._slot_of[s.param] = (u, s)
+        sl = slice(lay.shard_offset, lay.shard_offset + lay.shard_numel)
+        u.master = u.flat[sl].float().clone()
+        if self.stage <= 1:
+            u.grad_acc = torch.zeros(lay.padded, dtype=torch.float32, device=self.device)
+        if self.stage >= 1:
+            u.grad_shard = torch.zeros(lay.shard_numel, dtype=torch.float32, device=self.device)
+        if self.stage == 3:
+            u.shard = u.flat[sl].clone()
+            self._free(u)
+        if self.qg_bits:
+            big = [l for l, s in enumerate(self.topo.sizes) if s > 1]
+            if big:
+                inner = self.topo.inner_product(big[-1] - 1) if big[-1] > 0 else 1
+                u.ef = torch.zeros(lay.padded // inner, dtype=torch.float32, device=self.device)
+
+    def _build_optimizer(self, oc) -> None:
+        decay, no_decay = [], []
+        self._opt_pieces = []  # (unit, piece, master view)
+        for u in self.units:
+            grads = u.grad_acc if self.stage == 0 else u.grad_shard
+            for pc in u.layout.pieces:
+                if not pc.slot.param.requires_grad:
+                    continue
+                v = u.master[pc.lo: pc.hi]
+                v.grad = grads[pc.lo: pc.hi]
+                (decay if pc.slot.decay else no_decay).append(v)
+                self._opt_pieces.append((u, pc, v))
+        fused = oc.fused if getattr(oc, "fused", None) is not None else self.device.type in ("cpu", "cuda")
+        betas = (oc.beta1, oc.beta2) if hasattr(oc, "beta1") else tuple(oc.betas)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=oc.lr, betas=betas, eps=oc.eps, fused=fused)
+        self._hooks.append(self.optimizer.register_step_pre_hook(lambda *a: self._attach_grads()))
+        self._hooks.append(self.optimizer.register_step_post_hook(lambda *a: self._after_step()))
+
+    def _attach_grads(self) -> None:
+        """The master views' .grad are views of the reduced gradient buffers; re-attach them in case
+        someone called optimizer.zero_grad() (which sets them to None)."""
+        for u, pc, v in self._opt_pieces:
+            if v.grad is None:
+                v.grad = (u.grad_acc if self.stage == 0 else u.grad_shard)[pc.lo: pc.hi]
+
+    def _register_hooks(self) -> None:
+        m, H = self.module, self._hooks
+        for u in self.units:
+            for s in u.layout.slots:
+                if s.param.requires_grad:
+                    H.append(s.param.register_post_accumulate_grad_hook(self._on_grad))
+        if self.stage < 3:
+            return
+        for u in self.units:
+            if u.kind in ("block", "embed"):
+                H.append(u.spec.module.register_forward_pre_hook(lambda mod, a, u=u: self._fwd_pre(u)))
+                H.append(u.spec.module.register_forward_hook(lambda mod, a, out, u=u: self._fwd_post(u, out)))
+            elif u.kind == "head" and u.spec.module is not None:
+                H.append(u.spec.module.register_forward_pre_hook(lambda mod, a, u=u: self._fwd_pre(u)))
+        H.append(m.register_forward_pre_hook(lambda mod, a: self._model_pre()))
+        H.append(m.register_forward_hook(lambda mod, a, out: self._model_post(out)))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ---------------------------------------------------------------- gradients
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally (no reduction) for the micro-batches run inside."""
+        prev, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = prev
+
+    def _queue_final(self) -> None:
+        if not self._cb_queued:
+            self._cb_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        u, s = self._slot_of[p]
+        self._queue_final()
+        if u.grad_acc is None:
+            u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
+        u.grad_acc[s.offset: s.offset + s.numel].add_(p.grad.reshape(-1))
+        p.grad = None
+        u.ready += 1
+        if u.ready == u.n_grad:
+            self._unit_done(u)
+
+    def _unit_done(self, u: _Unit) -> None:
+        u.ready, u.done = 0, True
+        if self._sync:
+            self._launch_reduce(u)
+        if self.stage == 3 and u.state != FREE:
+            self._free(u)
+        u.secondary = None
+
+    def _launch_reduce(self, u: _Unit) -> None:
+        if u.grad_acc is None:
+            u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
+        if self.stage == 0:
+            u.reduce = self.topo.dp.all_reduce(u.grad_acc, async_op=True)
+        else:
+            x = u.grad_acc if self.reduce_dtype == torch.float32 else u.grad_acc.to(self.reduce_dtype)
+            u.reduce = ReduceChain(self.topo, x, self.qg_bits, self.cfg.quant_block_size, u.ef).start()
+        self._reducing.append(u)
+        while len(self._reducing) > max(1, self.cfg.prefetch_units + 1):
+            self._finish_reduce(self._reducing.popleft())
+
+    def _finish_reduce(self, u: _Unit) -> None:
+        r, u.reduce = u.reduce, None
+        if self.stage == 0:
+            r.wait()
+            return
+        u.grad_shard.add_(r.finish())
+        if self.stage == 1:
+            u.grad_acc.zero_()
+        else:
+            u.grad_acc = None
+
+    def _end_of_backward(self) -> None:
+        self._cb_queued = False
+        for u in reversed(self.units):  # units no gradient reached, in a rank-independent order
+            if u.n_grad and not u.done:
+                self._unit_done(u)
+        while self._reducing:
+            self._finish_reduce(self._reducing.popleft())
+        if self._sync and self.tp is not None and self.tp.size > 1:
+            self._sum_partial_over_tp()
+        for u in self.units:
+            u.done = False
+            if self.stage == 3 and u.state != FREE:
+                self._free(u)
+            u.secondary = None
+
+    def _sum_partial_over_tp(self) -> None:
+        """Sum the reduced gradients of `tp_partial` parameters (e.g. sequence-parallel norm weights,
+        each tp rank holding the gradient of its sequence shard) over tp: one all-reduce of all pieces."""
+        parts = [(u, pc) for u, pc, _ in self._opt_pieces if self._tp_partial(pc.slot.name)]
+        if not parts:
+            return
+        grads = [(u.grad_acc if self.stage == 0 else u.grad_shard)[pc.lo: pc.hi] for u, pc in parts]
+        flat = torch.cat(grads)
+        self.tp.all_reduce(flat)
+        for g, x in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(x)
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """{name: full reduced fp32 gradient} on every rank (collective over dp, not byte-counted); for
+        tests and debugging, after the synchronised backward."""
+        out = {}
+        k = len(self.topo.sizes)
+        self.topo.set_accounting(False)
+        try:
+            for u in self.units:
+                g = u.grad_acc if self.stage == 0 else GatherChain(
+                    self.topo, u.grad_shard, list(range(k - 1, -1, -1)), None).finish()
+                for s in u.layout.slots:
+                    out[s.name] = g[s.offset: s.offset + s.numel].view(s.shape).clone()
+        finally:
+            self.topo.set_accounting(True)
+        return out
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip to the global gradient norm over dp shards (and tp: tp-sharded parameters' squares summed
+        over tp, replicated ones counted once); same formula as torch.nn.utils.clip_grad_norm_. Call after
+        the last (synchronised) backward. Returns the total norm (fp32 scalar, identical on all ranks)."""
+        sq = torch.zeros(2, dtype=torch.float32, device=self.device)  # [tp-sharded, replicated]
+        for u, pc, v in self._opt_pieces:
+            sq[0 if not self._tp_rep(pc.slot.name) else 1] += v.grad.float().pow(2).sum()
+        if self.stage >= 1 and self.topo.dp_size > 1:
+            self.topo.dp.all_reduce(sq)
+        if self.tp is not None and self.tp.size > 1:
+            self.tp.all_reduce(sq[:1])
+        total = sq.sum().sqrt()
+        if max_norm > 0 and max_norm != float("inf"):
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            for u in self.units:
+                (u.grad_acc if self.stage == 0 else u.grad_shard).mul_(coef)
+        return total
+
+    # ---------------------------------------------------------------- optimizer step
+    def step(self, lr: Optional[float] = None) -> None:
+        """Optimizer step (optionally setting every group's lr first); `engine.optimizer.step()` is the
+        same (a step post-hook writes the new fp32 master weights back to the compute parameters)."""
+        if lr is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        self.optimizer.step()
+
+    def _after_step(self) -> None:
+        if self.stage == 0:
+            for u in self.units:
+                u.flat.copy_(u.master)
+        elif self.stage in (1, 2):
+            k = len(self.topo.sizes)
+            chains = [(u, GatherChain(self.topo, u.master.to(self.param_dtype), list(range(k - 1, -1, -1)),
+                                      u.flat).start()) for u in self.units]
+            for u, ch in chains:
+                x = ch.finish()
+                if x.data_ptr() != u.flat.data_ptr():
+                    u.flat.copy_(x)
+        else:
+            for u in self.units:
+                u.shard.copy_(u.master)
+        self._last_bytes = self.counter.snapshot()
+        self.counter.reset()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for u in self.units:
+            if u.grad_shard is not None:
+                u.grad_shard.zero_()
+            if u.grad_acc is not None:
+                if self.stage <= 1:
+                    u.grad_acc.zero_()
+                else:
+                    u.grad_acc = None
+        for p in self.module.parameters():
+            p.grad = None
+
+    # ---------------------------------------------------------------- introspection
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "ZeroEngine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "ZeroEngine":
+        return self.train(False)
+
+    def comm_bytes(self, current: bool = False) -> dict[str, float]:
+        """Bytes this rank sent during the last completed step (from the end of the previous optimizer
+        step to the end of this one), by `level.<name>`, `group.dp`, `group.tp`, and link class `inter`
+        (groups spanning > 1 node), `intra`, `total`. current=True: the step in progress."""
+        return self.counter.snapshot() if current else dict(self._last_bytes)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds now: `params` (compute-dtype flat buffers while allocated, stage-3 shards,
+        hpZ secondaries), `grads` (fp32 accumulators, reduced shards, qgZ residuals), `optimizer` (fp32
+        master slices + AdamW state)."""
+        def nb(t):
+            return 0 if t is None else t.untyped_storage().nbytes()
+        params = sum(nb(u.flat) + nb(u.shard) + nb(u.secondary) for u in self.units)
+        grads = sum(nb(u.grad_acc) + nb(u.grad_shard) + nb(u.ef) for u in self.units)
+        opt = sum(nb(u.master) for u in self.units) + sum(
+            t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values()
+            if isinstance(t, torch.Tensor))
+        return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
+
+    def sharded_state_dict(self) -> dict:
+        from .state import sharded_state_dict
+        return sharded_state_dict(self)
+
+    def load_sharded_state_dict(self, sd) -> None:
+        from .state import load_sharded_state_dict
+        load_sharded_state_dict(self, sd)
+
+    def full_state_dict(self, rank0_only: bool = True) -> dict:
+        from .state import full_state_dict
+        return full_state_dict(self, rank0_only)
+
+    def load_full_state_dict(self, sd: dict) -> None:
+        from .state import load_full_state_dict
+        load_full_state_dict(self, sd)

@@ -1,0 +1,153 @@
+"""Sharded and full state dicts of a ZeroEngine.
+
+Sharded state dict (one per rank; what snapshots, checkpoints and resharding use)::
+
+    {"format": "shardwise.zero/1", "stage": int, "dp_size": G, "shard_index": i, "step": int,
+     "param_groups": [{"lr", "betas", "eps", "weight_decay", ...} x 2 (decay, no decay)],
+     "units": {unit name: {"numel", "padded_numel", "shard_offset", "shard_numel"}},
+     "params": {original parameter name: {
+         "global_shape": tuple, "numel": int, "unit": str, "unit_offset": int (start in the unit's flat buffer),
+         "flat_range": (lo, hi),          # the elements [lo, hi) of the flattened parameter this rank holds
+         "param": 1-D compute-dtype tensor of hi-lo values, "master": 1-D fp32,
+         "exp_avg": 1-D fp32, "exp_avg_sq": 1-D fp32, "step": float (AdamW step count)}}}
+
+A parameter this rank holds nothing of is absent from "params"; stage 0 holds every parameter whole.
+`load_sharded_state_dict` takes either this rank's own dict (same layout) or the list of every old
+rank's dicts (any old dp size or stage: each rank copies the ranges it now holds — resharding).
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+FORMAT = "shardwise.zero/1"
+
+
+def _opt_state(engine, view) -> dict:
+    return engine.optimizer.state.get(view, {})
+
+
+def sharded_state_dict(engine) -> dict:
+    params, units = {}, {}
+    step = 0
+    for u in engine.units:
+        lay = u.layout
+        units[u.name] = {"numel": lay.numel, "padded_numel": lay.padded, "shard_offset": lay.shard_offset,
+                         "shard_numel": lay.shard_numel}
+    views = {id(pc): v for _, pc, v in engine._opt_pieces}
+    for u in engine.units:
+        src = u.shard if engine.stage == 3 else u.flat[u.layout.shard_offset: u.layout.shard_offset + u.layout.shard_numel]
+        for pc in u.layout.pieces:
+            s = pc.slot
+            e = {"global_shape": s.shape, "numel": s.numel, "unit": u.name, "unit_offset": s.offset,
+                 "flat_range": (pc.plo, pc.phi), "param": src[pc.lo: pc.hi].clone(),
+                 "master": u.master[pc.lo: pc.hi].clone()}
+            st = _opt_state(engine, views[id(pc)]) if id(pc) in views else {}
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    e[k] = st[k].clone()
+            if "step" in st:
+                e["step"] = float(st["step"])
+                step = int(e["step"])
+            params[s.name] = e
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    return {"format": FORMAT, "stage": engine.stage, "dp_size": engine.topo.dp_size,
+            "shard_index": engine.topo.shard_index, "step": step, "param_groups": groups, "units": units,
+            "params": params}
+
+
+def load_sharded_state_dict(engine, sd: Union[dict, list[dict]]) -> None:
+    sds = sd if isinstance(sd, list) else [sd]
+    for x in sds:
+        if x.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} state dict: format={x.get('format')!r}")
+    views = {id(pc): v for _, pc, v in engine._opt_pieces}
+    for g, saved in zip(engine.optimizer.param_groups, sds[0]["param_groups"]):
+        g.update({k: v for k, v in saved.items() if k in g})
+    for u in engine.units:
+        for pc in u.layout.pieces:
+            name, lo, hi = pc.slot.name, pc.plo, pc.phi
+            v = views.get(id(pc))
+            covered = 0
+            for x in sds:
+                e = x["params"].get(name)
+                if e is None:
+                    continue
+                if tuple(e["global_shape"]) != tuple(pc.slot.shape):
+                    raise ValueError(f"{name}: saved shape {tuple(e['global_shape'])} != {tuple(pc.slot.shape)}")
+                a, b = max(lo, e["flat_range"][0]), min(hi, e["flat_range"][1])
+                if a >= b:
+                    continue
+                dst, srcsl = slice(pc.lo + a - lo, pc.lo + b - lo), slice(a - e["flat_range"][0], b - e["flat_range"][0])
+                u.master[dst].copy_(e["master"][srcsl])
+                if v is not None and "exp_avg" in e:
+                    st = engine.optimizer.state[v]
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        if k not in st:
+                            st[k] = torch.zeros_like(v)
+                        st[k][a - lo: b - lo].copy_(e[k][srcsl])
+                    st["step"] = torch.tensor(e.get("step", 0.0), dtype=torch.float32, device=v.device) \
+                        if engine.optimizer.defaults.get("fused") else torch.tensor(e.get("step", 0.0))
+                covered += b - a
+            if covered != hi - lo:
+                raise ValueError(f"{name}: the given state dicts cover {covered} of the {hi - lo} elements needed")
+    _masters_to_params(engine)
+
+
+def _masters_to_params(engine) -> None:
+    """Write the fp32 masters to the compute parameters (stage 1/2: gathers over dp)."""
+    last = engine._last_bytes
+    engine.topo.set_accounting(False)
+    try:
+        engine._after_step()
+    finally:
+        engine.topo.set_accounting(True)
+    engine._last_bytes = last
+
+
+def _gather_masters(engine, u) -> torch.Tensor:
+    """The unit's full fp32 master buffer (every rank), gathered without byte accounting."""
+    from .comm import GatherChain
+    if engine.stage == 0:
+        return u.master
+    k = len(engine.topo.sizes)
+    engine.topo.set_accounting(False)
+    try:
+        return GatherChain(engine.topo, u.master, list(range(k - 1, -1, -1)), None).finish()
+    finally:
+        engine.topo.set_accounting(True)
+
+
+def full_state_dict(engine, rank0_only: bool = True) -> dict:
+    """{original name: full fp32 tensor} (plus the module's persistent buffers), built from the fp32
+    master weights; collective over dp. Empty dict on dp ranks other than 0 when rank0_only."""
+    out = {}
+    keep = not rank0_only or engine.topo.dp.rank == 0
+    for u in engine.units:
+        full = _gather_masters(engine, u)
+        if keep:
+            for s in u.layout.slots:
+                out[s.name] = full[s.offset: s.offset + s.numel].view(s.shape).clone()
+    if keep:
+        pnames = {n for n, _ in engine.module.named_parameters(remove_duplicate=False)}
+        for k, b in engine.module.state_dict().items():
+            if k not in out and k not in pnames:
+                out[k] = b
+    return out
+
+
+def load_full_state_dict(engine, sd: dict) -> None:
+    """Load a full model state dict (given on every rank): each rank keeps its slices as fp32 masters and
+    compute parameters. Optimizer state is left as it is."""
+    for u in engine.units:
+        for pc in u.layout.pieces:
+            t = sd[pc.slot.name]
+            if tuple(t.shape) != tuple(pc.slot.shape):
+                raise ValueError(f"{pc.slot.name}: shape {tuple(t.shape)} != {tuple(pc.slot.shape)}")
+            u.master[pc.lo: pc.hi].copy_(t.reshape(-1)[pc.plo: pc.phi])
+    _masters_to_params(engine)
+    names = {s.name for u in engine.units for s in u.layout.slots}
+    rest = {k: v for k, v in sd.items() if k not in names}
+    if rest:
+        engine.module.load_state_dict(rest, strict=False)

@@ -1,0 +1,133 @@
+"""Hierarchical ZeRO matches a single-process reference (fp32, RTOL 1e-5 / ATOL 1e-6, as test_trainer).
+
+One spawned run per world size loops over every configuration (spawning costs more than training the
+tiny models): stages 0-3, flat (one dp level) and hierarchical levels, hpZ, prefetch depths, tied
+embeddings, dense and MoE (4 experts, top-2, dropless), 2 micro-batches per rank (gradient
+accumulation under no_sync), clipping active (max norm 0.3 < the 0.39-0.6 norms), LambdaLR warmup+cosine
+on engine.optimizer. Quantized and bf16 runs are compared against the fp32 run with stated bounds."""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from shardwise.testing import run_distributed
+
+RTOL, ATOL = 1e-5, 1e-6
+MICRO = 2  # micro-batches per rank
+
+# Bounds on |loss - fp32 loss| over 5 steps (measured: see the report in the module docstring of
+# shardwise/parallel/zero/quant.py): measured 9e-4 (qwZ int8), 8.5e-4 (qgZ int8), 2e-3 (qgZ int4), 5.8e-4 (bf16 params).
+QUANT_BOUNDS = {"s3-hier-qw8": 2e-3, "s3-hier-qg8": 2e-3, "s3-hier-qg4": 1e-2, "s3-hier-qw8_qg8_hpz": 3e-3,
+                "s3-hier-bf16": 3e-3, "s2-hier-bf16": 3e-3}
+
+
+def _run(rank, world, sizes, configs):
+    from shardwise.models import build_model
+    from shardwise.parallel.zero import ZeroConfig, ZeroEngine
+    from shardwise.parallel.zero.testing import engine_train, make_levels, tiny_config, optim_config
+
+    levels = make_levels(rank, world, sizes)
+    out = {}
+    for key, model_kind, kw, hier, extra in configs:
+        mcfg = tiny_config(moe=model_kind == "moe", tie=model_kind == "tied")
+        t0 = time.perf_counter()
+        engine = ZeroEngine(build_model(mcfg, 0), ZeroConfig(**kw), optim_config(),
+                            levels=levels if hier else [dist.group.WORLD], dp_group=dist.group.WORLD,
+                            ranks_per_node=world // sizes[-1], device="cpu", **extra)
+        losses, norms, _ = engine_train(engine, mcfg, rank, world, MICRO)
+        sd = engine.full_state_dict()
+        out[key] = {"losses": losses, "norms": norms, "params": sd, "time_s": time.perf_counter() - t0}
+    return out if rank == 0 else None
+
+
+def _configs_4():
+    cfgs = []
+    for model in ("dense", "moe"):
+        for stage in (0, 1, 2, 3):
+            for hier in (False, True):
+                cfgs.append((f"{model}-s{stage}-{'hier' if hier else 'flat'}", model, {"stage": stage}, hier, {}))
+        cfgs.append((f"{model}-s3-hier-hpz", model, {"stage": 3, "secondary_partition_level": "node"}, True, {}))
+        cfgs.append((f"{model}-s3-hier-nopf", model, {"stage": 3, "prefetch_units": 0}, True, {}))
+        cfgs.append((f"{model}-s3-hier-pf2", model, {"stage": 3, "prefetch_units": 2,
+                                                      "secondary_partition_level": "node"}, True, {}))
+    for stage in (2, 3):
+        cfgs.append((f"tied-s{stage}-hier", "tied", {"stage": stage}, True, {}))
+    q = [("qw8", {"quantize_weights": "int8"}), ("qg8", {"quantize_gradients": "int8"}),
+         ("qg4", {"quantize_gradients": "int4"}),
+         ("qw8_qg8_hpz", {"quantize_weights": "int8", "quantize_gradients": "int8", "secondary_partition_level": "node"})]
+    for name, kw in q:
+        cfgs.append((f"dense-s3-hier-{name}", "dense", {"stage": 3, **kw}, True, {}))
+    for stage in (2, 3):  # bf16 compute parameters, fp32 masters and gradient accumulation
+        cfgs.append((f"dense-s{stage}-hier-bf16", "dense", {"stage": stage}, True, {"param_dtype": torch.bfloat16}))
+    return cfgs
+
+
+def _configs_8():
+    cfgs = []
+    for model in ("dense", "moe"):
+        for stage in (1, 2, 3):
+            cfgs.append((f"{model}-s{stage}-hier", model, {"stage": stage}, True, {}))
+        cfgs.append((f"{model}-s3-flat", model, {"stage": 3}, False, {}))
+        for hpz in ("pair", "node"):
+            cfgs.append((f"{model}-s3-hier-hpz-{hpz}", model, {"stage": 3, "secondary_partition_level": hpz}, True, {}))
+    cfgs.append(("dense-s3-hier-qg4-qw8", "dense", {"stage": 3, "quantize_gradients": "int4",
+                                                   "quantize_weights": "int8"}, True, {}))
+    return cfgs
+
+
+@pytest.fixture(scope="module")
+def references():
+    from shardwise.parallel.zero.testing import reference_train, tiny_config
+    refs = {}
+    for world in (4, 8):
+        for kind in ("dense", "moe", "tied"):
+            refs[(world, kind)] = reference_train(tiny_config(kind == "moe", kind == "tied"), world * MICRO)
+    return refs
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {4: run_distributed(_run, 4, [2, 2], _configs_4(), timeout=280)[0],
+            8: run_distributed(_run, 8, [2, 2, 2], _configs_8(), timeout=280)[0]}
+
+
+def _check(res, ref, key, param_atol=ATOL):
+    ref_losses, ref_norms, ref_params = ref
+    torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL,
+                               msg=lambda m: f"{key} losses: {m}")
+    torch.testing.assert_close(torch.tensor(res["norms"]), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL,
+                               msg=lambda m: f"{key} grad norms: {m}")
+    assert set(res["params"]) == set(ref_params)
+    for name, p in ref_params.items():
+        torch.testing.assert_close(res["params"][name], p, rtol=RTOL, atol=param_atol, msg=lambda m: f"{key} {name}: {m}")
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_exact_configs_match_single_process(world, runs, references):
+    checked = 0
+    for key, res in runs[world].items():
+        if any(q in key for q in ("qw", "qg", "bf16")):
+            continue
+        kind = key.split("-")[0]
+        # MoE at 8 ranks (16 micro-batches): a handful of expert weights whose gradient is roundoff-sized
+        # get an Adam update of ~lr * sign(g) whatever g's size, so the gradient summation order shows
+        # (seen: 2 of 4096 elements off by 3.2e-6 after 5 steps). Losses and norms stay at 1e-5/1e-6.
+        _check(res, references[(world, kind)], key, param_atol=1e-5 if (kind == "moe" and world == 8) else ATOL)
+        checked += 1
+    assert checked >= (21 if world == 4 else 10)
+    # The reference really changes the model, and clipping is active.
+    losses, norms, _ = references[(world, "dense")]
+    assert all(n > 0.3 for n in norms) and losses[-1] != losses[0]
+
+
+def test_quantized_and_bf16_losses_within_bounds(runs, references):
+    for world, cfg_bounds in ((4, QUANT_BOUNDS), (8, {"s3-hier-qg4-qw8": 1.5e-2})):
+        ref_losses = references[(world, "dense")][0]
+        for name, bound in cfg_bounds.items():
+            key = f"dense-{name}"
+            d = max(abs(a - b) for a, b in zip(runs[world][key]["losses"], ref_losses))
+            print(f"{world} ranks {name}: max |loss - fp32 loss| over 5 steps = {d:.2e} (bound {bound})")
+            assert d < bound, (key, d)
+            if "bf16" not in name:  # quantized runs do differ from the exact one
+                assert d > 0, key
