@@ -35,6 +35,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"  layout tp={p.tp}{' +sp' if p.sequence_parallel else ''} pp={p.pp} dp={dp}{levels} ep={p.ep}; "
           f"{d.global_batch_size // (d.micro_batch_size * dp)} "
           f"micro-batch(es) of {d.micro_batch_size} per data-parallel rank per step")
+    z = cfg.zero
+    extras = [f"hpZ {z.secondary_partition_level}"] if z.secondary_partition_level != "none" else []
+    extras += [f"qwZ {z.quantize_weights}"] if z.quantize_weights != "none" else []
+    extras += [f"qgZ {z.quantize_gradients}"] if z.quantize_gradients != "none" else []
+    print(f"  ZeRO stage {z.stage}{' (' + ', '.join(extras) + ')' if extras else ''} over the data-parallel levels")
     return 0
 
 

@@ -49,12 +49,12 @@ def _train_many(rank, world, runs, run_dir, break_sp_grad_sync=False):
     """Run the real Trainer for each override list; return per run (losses, aux losses, grad norms,
     full params gathered over tp, this rank's local replicated params, mesh coordinates)."""
     import shardwise.trainer.trainer as trainer_mod
-    from shardwise.parallel import full_state_dict
     from shardwise.trainer.distributed import init_distributed
     from shardwise.trainer.validate import check_supported, validate_config
 
     if break_sp_grad_sync:  # the deliberately broken variant: skip the norm-gradient all-reduce over tp
-        trainer_mod.allreduce_sequence_parallel_grads = lambda model, group: None
+        from shardwise.parallel.zero.engine import ZeroEngine
+        ZeroEngine._sum_partial_over_tp = lambda self: None
     out = []
     for i, overrides in enumerate(runs):
         cfg, _ = compose_config(overrides)
@@ -64,7 +64,7 @@ def _train_many(rank, world, runs, run_dir, break_sp_grad_sync=False):
         Path(run_dir, str(i)).mkdir(parents=True, exist_ok=True)
         tr = trainer_mod.Trainer(cfg, env, Path(run_dir, str(i)))
         hist = tr.fit()
-        full = full_state_dict(tr.raw_model, tr.tp_group)
+        full = tr.full_state_dict()
         replicated = {k: p.detach().clone() for k, p in tr.raw_model.named_parameters() if not hasattr(p, "tp_shard_dim")}
         out.append(([h["loss"] for h in hist] + [h["eval_loss"] for h in hist if "eval_loss" in h],
                     [h.get("aux_loss") for h in hist], [h["grad_norm"] for h in hist], full, replicated,

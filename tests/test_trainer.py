@@ -37,7 +37,7 @@ def _train(rank, world, overrides, run_dir):
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, env, Path(run_dir))
     history = trainer.fit()
-    params = {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
+    params = trainer.full_state_dict()
     losses = [h["loss"] for h in history] + [h["eval_loss"] for h in history if "eval_loss" in h]
     return losses, [h.get("aux_loss") for h in history], params
 
@@ -76,7 +76,7 @@ def _train_dropped(rank, world, overrides, run_dir):
     cfg, _ = compose_config(overrides)
     trainer = Trainer(cfg, init_distributed(cfg.parallel, cfg.trainer), Path(run_dir))
     m = trainer.train_step()
-    return m["loss"], m["moe_dropped_fraction"], {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    return m["loss"], m["moe_dropped_fraction"], trainer.full_state_dict()
 
 
 def test_capacity_dropping_matches_single_process(cache_dir, tmp_path):

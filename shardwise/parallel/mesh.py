@@ -25,7 +25,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from ..trainer.config import ParallelConfig
-from ..trainer.validate import ConfigError, parallel_layout
+from ..trainer.validate import ConfigError, node_fit_problems, parallel_layout
 
 MESH_DIMS = ("pp", "dp_inter", "dp_node", "dp_pair", "tp")  # outermost first, as DeviceMesh wants
 DP_LEVELS = ("dp_pair", "dp_node", "dp_inter")  # innermost first
@@ -56,6 +56,8 @@ class ParallelDims:
         if not problems and (rpn <= 0 or world_size % rpn):
             problems.append(f"ranks per node {rpn} (parallel.ranks_per_node or LOCAL_WORLD_SIZE) must divide "
                             f"the world size {world_size}")
+        if not problems:
+            problems += node_fit_problems(p, rpn, "parallel.ranks_per_node or LOCAL_WORLD_SIZE")
         if problems:
             raise ConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
         return cls(tp=sizes["tp"], dp_pair=sizes["dp_pair"], dp_node=sizes["dp_node"], dp_inter=sizes["dp_inter"],

@@ -7,6 +7,7 @@ local head counts and widths from the (sharded) weight shapes.
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 from torch import nn
@@ -22,15 +23,23 @@ from .vocab_parallel import VocabParallelEmbedding, VocabParallelHead
 
 def parallelize_model(model: Transformer, dims: ParallelDims, cfg) -> Transformer:
     """Return `model` split for this rank according to `dims` (cfg: the ParallelConfig)."""
-    # 1. Pipeline parallel (pp issue): split the layers into stages here, before the per-layer steps.
+    # 1. Pipeline parallel: partition the layers into stages and keep only this rank's (the PipelineModel
+    #    holding its stage chunks is built at the end, from the tensor-parallel layers).
+    plan = None
+    if dims.pp > 1:
+        from .pipeline import plan_pipeline
+        plan = plan_pipeline(model, dims.my_coords["pp"], dims.pp, cfg)
     # 2. Tensor (+ sequence) parallel.
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.group("tp"), cfg.sequence_parallel)
-    # 3. Expert parallel (ep issue): give each ep rank its slice of the experts and swap the
-    #    LocalDispatcher for the all-to-all one over dims.group("ep").
-    # 4. ZeRO (zero issue): wrap units in the flat-buffer engine over dims.group("dp") levels
-    #    (expert parameters over dims.group("edp")); until then the trainer wraps DDP over dp.
-    return model
+    # 3. Expert parallel: each ep rank keeps its block of the routed experts, and tokens reach them by
+    #    all-to-all over dims.group("ep") (shardwise.parallel.expert_parallel).
+    if dims.ep > 1:
+        from .expert_parallel import apply_expert_parallel
+        apply_expert_parallel(model, dims.group("ep"))
+    # 4. Data parallel / ZeRO: the trainer wraps the result in the flat-buffer engine over the dp levels
+    #    (data_parallel.build_data_parallel), which also owns the optimizer.
+    return plan.build(model) if plan is not None else model
 
 
 def _enter_hook(group, sequence_parallel, module, args):
@@ -98,15 +107,18 @@ def apply_tensor_parallel(model: Transformer, group, sequence_parallel: bool) ->
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module, tp_group=None) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, tp_group=None, local: Optional[dict[str, torch.Tensor]] = None
+                    ) -> dict[str, torch.Tensor]:
     """The single-device state dict of a (possibly TP-sharded) model, on every tp rank: sharded
-    parameters (`tp_shard_dim`) are all-gathered over tp. Collective over tp_group."""
+    parameters (`tp_shard_dim`) are all-gathered over tp. `local`: this rank's state dict to gather
+    instead of the module's own tensors (e.g. the ZeRO engine's gathered fp32 masters, since stage 3
+    frees the module's parameters); same keys. Collective over tp_group."""
     from .tensor_parallel import _gather
 
     out = {}
     for key, t in model.state_dict(keep_vars=True).items():
         dim = getattr(t, "tp_shard_dim", None)
-        t = t.detach()
+        t = (local[key] if local is not None else t).detach()
         out[key] = (_gather(t, tp_group, dim) if dim is not None else t).clone()
     return out
 

@@ -11,8 +11,9 @@ Every function takes its process group explicitly (the `tp` group of `ParallelDi
 
 The sequence dim is dim 1 of [B, S, d] activations. Parameters that are sharded carry
 `p.tp_shard_dim` (the dim split over tp); parameters replicated over tp whose gradient is partial
-under sequence parallel (norm weights) carry `p.sequence_parallel = True` and are summed over tp by
-`allreduce_sequence_parallel_grads` once per step.
+under sequence parallel (norm weights) carry `p.sequence_parallel = True`; the data-parallel engine
+(shardwise.parallel.zero, `tp_partial`) sums their gradients over tp once per step, and its clipping
+norm counts `tp_shard_dim` parameters on every tp rank and replicated ones once.
 """
 from __future__ import annotations
 
@@ -264,46 +265,3 @@ class TPRegion:
         """Whole micro-batch -> this rank's sequence shard. Under SP the exit's sum is fused here:
         reduce-scatter (bwd all-gather) is exactly all-reduce + keep my chunk, at half the bytes."""
         return reduce_scatter_seq(y, self.group) if self.sequence_parallel else y
-
-
-def allreduce_sequence_parallel_grads(model: nn.Module, group) -> None:
-    """Sum over tp the gradients of replicated parameters computed on sequence shards (norm
-    weights under sequence parallel): each rank saw only its part of the tokens. One flat
-    all-reduce per step, after gradient accumulation."""
-    if _size(group) == 1:
-        return
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group=None) -> torch.Tensor:
-    """Clip to the *global* gradient norm of a TP-sharded model: squares of sharded parameters
-    (`tp_shard_dim`) are summed over tp; replicated parameters (identical on every tp rank once
-    their gradients are final) are counted once. Same formula as torch.nn.utils.clip_grad_norm_.
-    Gradients must already be reduced over data parallel."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    dev = params[0].grad.device
-    sharded = [p.grad for p in params if hasattr(p, "tp_shard_dim")]
-    replicated = [p.grad for p in params if not hasattr(p, "tp_shard_dim")]
-
-    def sq(gs):
-        return torch.stack([g.detach().float().pow(2).sum() for g in gs]).sum() if gs else torch.zeros((), device=dev)
-
-    sharded_sq = sq(sharded)
-    if _size(tp_group) > 1:
-        dist.all_reduce(sharded_sq, group=tp_group)
-    total = (sharded_sq + sq(replicated)).sqrt()
-    if max_norm > 0 and max_norm != float("inf"):
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype))
-    return total

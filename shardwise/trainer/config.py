@@ -1,7 +1,7 @@
 """Typed configuration schema.
 
 Every group of the Hydra config (`model`, `parallel`, `optim`, `data`, `trainer`, `logging`) is a
-dataclass below, registered in Hydra's ConfigStore by `register_schemas()`. Recipes under `recipes/`
+dataclass below; `zero` is `shardwise.parallel.zero.config.ZeroConfig` (kept beside its engine). All are registered in Hydra's ConfigStore by `register_schemas()`. Recipes under `recipes/`
 only set values; the schema gives types (OmegaConf rejects a string where an int is expected) and the
 docstring of each field is its documentation. Cross-field rules live in `validate.py`.
 """
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
+
+from ..parallel.zero.config import ZeroConfig
 
 
 @dataclass
@@ -30,7 +32,12 @@ class MoEConfig:
     capacity are dropped (lowest router probability first) and the token keeps only its residual.
     null = dropless (every assignment is computed)."""
     router_score: str = "softmax"
-    """Router scoring function: `softmax` over all experts, then top-k."""
+    """Router scoring function: `softmax` over all experts, then top-k (Mixtral), or `sigmoid` per expert,
+    top-k, selected scores renormalised (DeepSeek-V3; the aux loss uses the scores normalised over experts)."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): > 0 keeps a per-expert bias added to the scores for the
+    top-k selection only, moved by this rate * sign(mean load - expert load) after every step from the
+    global per-expert counts (DeepSeek-V3 uses 0.001). 0 = off. Usually combined with a small aux_loss_coef."""
     norm_topk_prob: bool = True
     """Renormalise the k selected probabilities to sum to 1 (Mixtral) instead of using raw scores."""
     aux_loss_coef: float = 0.01
@@ -99,6 +106,14 @@ class ParallelConfig:
     """Split norm/dropout activations along the sequence between TP regions (needs tp > 1)."""
     microbatches: Optional[int] = None
     """Pipeline micro-batches per step; null = gradient-accumulation steps. Used with pp > 1."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule (torch.distributed.pipelining): gpipe, 1f1b, interleaved_1f1b (needs
+    pp_virtual_stages >= 2), interleaved_zero_bubble, zbv_zero_bubble (pp_virtual_stages = 2). Used with pp > 1."""
+    pp_virtual_stages: int = 1
+    """Stages per pipeline rank (model chunks); > 1 only with the interleaved / zero-bubble schedules."""
+    pp_partition: str = "uniform"
+    """How layers are split into stages: uniform (equal layer counts) or balanced (minimise the slowest
+    stage's cost: training FLOPs + parameters per layer, embedding and head counted)."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on CUDA/ROCm devices, gloo on CPU), nccl or gloo."""
     timeout_s: float = 600.0
@@ -207,6 +222,7 @@ class ShardwiseConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
     run_dir: Optional[str] = None
     """Output directory of this run (metrics.jsonl, config.yaml); null = runs/<recipe>/<run id>."""
 
@@ -218,6 +234,7 @@ GROUPS = {
     "data": DataConfig,
     "trainer": TrainerConfig,
     "logging": LoggingConfig,
+    "zero": ZeroConfig,
 }
 
 

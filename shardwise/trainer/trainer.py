@@ -8,10 +8,12 @@ averaged) across data-parallel ranks. The data iterator gives micro-batch j of t
 the same place in the computation whatever the number of ranks, so per-micro-batch quantities (MoE
 capacity, aux loss) are identical too.
 
-Tensor parallel (shardwise.parallel): the tp ranks of one data-parallel rank get the same batch and
-compute the same loss; DDP reduces over the dp group only; under sequence parallel the norm
-weights' gradients are summed over tp; the clipping norm counts tp-sharded gradients on every rank
-(squares summed over tp) and replicated ones once.
+Data parallel is the hierarchical ZeRO engine (shardwise.parallel.zero; `zero.stage` 0 = replicated) over
+the mesh's dp levels: it sums gradients over dp (innermost level first) once, after the last
+micro-batch, keeps the fp32 master weights and AdamW state (sharded from stage 1 on), and computes the
+clipping norm across dp and tp shards. Tensor parallel (shardwise.parallel): the tp ranks of one
+data-parallel rank get the same batch and compute the same loss; under sequence parallel the engine
+sums the norm weights' partial gradients over tp.
 """
 from __future__ import annotations
 
@@ -24,28 +26,17 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models import build_model, count_parameters, flops_per_token
-from ..parallel import ParallelDims, parallelize_model
-from ..parallel.tensor_parallel import allreduce_sequence_parallel_grads, clip_grad_norm_
+from ..parallel import ParallelDims, build_data_parallel, full_state_dict, parallelize_model
 from .config import ShardwiseConfig
 from .data import GlobalBatchIterator, build_datasets, eval_batches
 from .distributed import DistEnv, all_reduce_sum
 from .metrics import MetricsLogger, memory_gib, peak_tflops
-from .optim import build_optimizer, build_scheduler
+from .optim import build_scheduler
 
 log = logging.getLogger("shardwise")
-
-
-def _sum_allreduce_hook(group, bucket):
-    """DDP communication hook that sums gradients (DDP's default averages); see module docstring.
-    (Unannotated on purpose: DDP compares the annotation object, which `from __future__ import
-    annotations` turns into a string.)"""
-    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
 
 
 def seed_everything(seed: int) -> None:
@@ -68,13 +59,11 @@ class Trainer:
 
         # Full model on CPU under the seed (same init at any layout), then this rank's part of it.
         self.model: nn.Module = parallelize_model(build_model(cfg.model, t.seed, "cpu"), self.dims, cfg.parallel)
-        self.model.to(env.device)
-        self.raw_model = self.model
-        if self.dp_size > 1:
-            self.model = DDP(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                             process_group=self.dp_group)
-            self.model.register_comm_hook(self.dp_group, _sum_allreduce_hook)
-        self.optimizer = build_optimizer(self.raw_model, cfg.optim, env.device)
+        # Data parallel (all stages, including replicated stage 0) through the ZeRO engine; it owns the
+        # fp32 master weights and the AdamW optimizer on this rank's shard.
+        self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device)
+        self.raw_model = self.engine.module
+        self.optimizer = self.engine.optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
 
         micro_per_rank = d.global_batch_size // (d.micro_batch_size * self.dp_size)
@@ -86,21 +75,35 @@ class Trainer:
         self.data = GlobalBatchIterator(
             train_ds, global_batch_size=d.global_batch_size, micro_batch_size=d.micro_batch_size,
             dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=d.num_workers)
-        self.eval_data = (eval_batches(valid_ds, micro_batch_size=d.micro_batch_size, num_micro_batches=t.eval_iters,
-                                       dp_rank=self.dp_rank, dp_size=self.dp_size) if t.eval_every else [])
+        self.eval_data = self._eval_set(valid_ds) if t.eval_every else []
 
-        self.autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+        # Stage 3 frees gathered weights after each unit: autocast must not cache bf16 copies of them.
+        self.autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16",
+                                       cache_enabled=cfg.zero.stage < 3)
         self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
         self.peak_flops = peak_tflops(env.device, t.peak_tflops) * 1e12
         self.metrics = MetricsLogger(cfg.logging, run_dir, env.is_main, t.max_steps, run_name=run_name)
         self.step = 0
         self.stop_requested = False
         counts = count_parameters(cfg.model)
-        log.info("model %s: %.2fM parameters (%.2fM active), %.3g FLOPs/token; %d rank(s) as tp=%d%s x dp=%d, "
-                 "%d micro-batch(es) of %d per data-parallel rank per step", cfg.model.name, counts.total / 1e6,
-                 counts.active / 1e6, self.flops_per_token, env.world_size, self.dims.tp,
-                 " (sequence parallel)" if cfg.parallel.sequence_parallel else "", self.dp_size, micro_per_rank,
-                 d.micro_batch_size)
+        dm = self.dims
+        log.info("model %s: %.2fM parameters (%.2fM active), %.3g FLOPs/token; %d rank(s) as tp=%d%s x dp=%d "
+                 "(pair %d x node %d x inter %d, ZeRO stage %d), %d micro-batch(es) of %d per data-parallel rank per "
+                 "step", cfg.model.name, counts.total / 1e6, counts.active / 1e6, self.flops_per_token,
+                 env.world_size, dm.tp, " (sequence parallel)" if cfg.parallel.sequence_parallel else "",
+                 self.dp_size, dm.dp_pair, dm.dp_node, dm.dp_inter, cfg.zero.stage, micro_per_rank, d.micro_batch_size)
+
+    def _eval_set(self, valid_ds) -> list[dict[str, torch.Tensor]]:
+        """This rank's eval micro-batches, padded with fully masked ones so every rank runs the same number
+        of forward passes: ZeRO-3 gathers and expert-parallel all-to-alls inside the forward are collective.
+        Masked micro-batches add nothing to the loss sums."""
+        d, t = self.cfg.data, self.cfg.trainer
+        own = eval_batches(valid_ds, micro_batch_size=d.micro_batch_size, num_micro_batches=t.eval_iters,
+                           dp_rank=self.dp_rank, dp_size=self.dp_size)
+        template = own[0] if own else eval_batches(valid_ds, micro_batch_size=d.micro_batch_size,
+                                                   num_micro_batches=1, dp_rank=0, dp_size=1)[0]
+        pad = dict(template, loss_mask=torch.zeros_like(template["loss_mask"]))
+        return own + [pad] * (-(-t.eval_iters // self.dp_size) - len(own))
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
@@ -108,7 +111,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; returns metrics (identical on every rank)."""
         t0 = time.perf_counter()
-        self.model.train()
+        self.engine.train()
         micro_batches = [self._to_device(b) for b in self.data.next_step()]
         local_tokens = sum(b["loss_mask"].sum() for b in micro_batches)
         global_tokens = all_reduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32, device=self.env.device).clone(),
@@ -120,10 +123,10 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # Reduce gradients once, after the last micro-batch.
-            sync = contextlib.nullcontext() if last or self.dp_size == 1 else self.model.no_sync()
+            sync = contextlib.nullcontext() if last else self.engine.no_sync()
             with sync:
                 with self.autocast:
-                    out = self.model(mb["tokens"], mb["labels"], mb["loss_mask"], mb.get("position_ids"))
+                    out = self.engine(mb["tokens"], mb["labels"], mb["loss_mask"], mb.get("position_ids"))
                 loss = out.ce_sum / global_tokens + out.aux_loss / self.num_micro_global
                 loss.backward()
             ce_total += out.ce_sum.detach()
@@ -133,16 +136,13 @@ class Trainer:
                 expert_counts = c if expert_counts is None else expert_counts + c
                 dropped += torch.stack([s.dropped_fraction for s in out.moe_stats]).mean()
 
-        # Gradients are now summed over dp (DDP); under sequence parallel the norm weights' gradients
-        # are still partial over tp (each rank normalised its sequence shard).
-        if self.cfg.parallel.sequence_parallel:
-            allreduce_sequence_parallel_grads(self.raw_model, self.tp_group)
+        # Gradients are now summed over dp (and the sequence-parallel norm weights' over tp) by the engine.
         clip = self.cfg.optim.grad_clip
-        grad_norm = clip_grad_norm_(self.raw_model, clip if clip > 0 else float("inf"), self.tp_group)
+        grad_norm = self.engine.clip_grad_norm_(clip if clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         self.step += 1
 
         # One small collective carries the step's metrics and the stop flag (SIGTERM on any rank).
@@ -174,7 +174,16 @@ class Trainer:
             # Load of the busiest expert relative to a perfectly balanced router (1.0 = balanced).
             m["moe_max_load"] = float((counts.max(dim=1).values / counts.mean(dim=1)).max())
             m["moe_tokens_per_expert"] = counts.sum(0).tolist()
+        # Bytes this rank sent in the step, per dp level / group / link class (comm_bytes.inter: over
+        # collectives whose group spans nodes, so flat and hierarchical layouts compare directly).
+        m.update({f"comm_bytes.{k}": v for k, v in self.engine.comm_bytes().items()})
         return m
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-device model state dict (fp32 master weights gathered over dp, then tp-sharded
+        parameters over tp), on every rank. Collective over the dp and tp groups."""
+        local = self.engine.full_state_dict(rank0_only=False)
+        return full_state_dict(self.raw_model, self.tp_group, local)
 
     @torch.no_grad()
     def evaluate(self) -> float:

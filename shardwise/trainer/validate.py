@@ -60,10 +60,23 @@ def parallel_layout(p, world_size: int) -> tuple[dict[str, int], list[str]]:
     if p.ep > 1 and dp % p.ep:
         problems.append(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (experts are spread "
                         "over data-parallel ranks)")
+    if p.ranks_per_node is not None:
+        problems += node_fit_problems(p, p.ranks_per_node, "parallel.ranks_per_node")
     if problems:
         return {}, problems
     return {"tp": p.tp, "dp_pair": p.dp_pair, "dp_node": p.dp_node, "dp_inter": dp_inter, "dp": dp,
             "pp": p.pp, "ep": p.ep}, []
+
+
+def node_fit_problems(p, ranks_per_node: int, source: str) -> list[str]:
+    """The fast data-parallel levels must sit inside one node: tp * dp_pair * dp_node must divide the
+    ranks per node, else the `node` level's traffic would cross machines and the per-level byte
+    accounting (and the hierarchy's point) would be wrong."""
+    inner = p.tp * p.dp_pair * p.dp_node
+    if p.dp_pair * p.dp_node > 1 and ranks_per_node % inner:
+        return [f"parallel.tp*dp_pair*dp_node = {p.tp}*{p.dp_pair}*{p.dp_node} = {inner} must divide the ranks per "
+                f"node {ranks_per_node} ({source}): the pair/node levels must fit inside one node"]
+    return []
 
 
 def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
@@ -100,8 +113,10 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
         _positive(problems, "model.moe.shared_experts", moe.shared_experts, allow_zero=True)
         _positive(problems, "model.moe.aux_loss_coef", moe.aux_loss_coef, allow_zero=True)
         _positive(problems, "model.moe.z_loss_coef", moe.z_loss_coef, allow_zero=True)
-        if moe.router_score != "softmax":
-            problems.append(f"model.moe.router_score={moe.router_score!r}: supported: 'softmax'")
+        if moe.router_score not in ("softmax", "sigmoid"):
+            problems.append(f"model.moe.router_score={moe.router_score!r}: use 'softmax' (Mixtral) or 'sigmoid' "
+                            "(DeepSeek-V3)")
+        _positive(problems, "model.moe.bias_update_rate", moe.bias_update_rate, allow_zero=True)
         if not 0 <= moe.first_dense_layers <= m.num_layers:
             problems.append(f"model.moe.first_dense_layers={moe.first_dense_layers}: must be in [0, model.num_layers]")
 
@@ -133,11 +148,30 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
         problems.append(f"data.seq_len={d.seq_len} must be divisible by parallel.tp={p.tp} for sequence parallel")
     if p.pp > 1 and m.num_layers < p.pp:
         problems.append(f"parallel.pp={p.pp} exceeds model.num_layers={m.num_layers}: a stage would have no layer")
+    problems += _pipeline_problems(p, m, d)
     if p.ep > 1:
         if moe.num_experts == 0:
             problems.append(f"parallel.ep={p.ep} needs an MoE model (model.moe.num_experts > 0)")
         elif moe.num_experts % p.ep:
             problems.append(f"parallel.ep={p.ep} must divide model.moe.num_experts={moe.num_experts}")
+        elif moe.first_dense_layers >= m.num_layers:
+            problems.append(f"parallel.ep={p.ep} but model.moe.first_dense_layers={moe.first_dense_layers} makes "
+                            "every layer dense: there are no experts to split; set parallel.ep=1")
+        # Every rank of an ep group must run the same number of MoE forwards (each is an all-to-all).
+        if dp and t.eval_every and t.eval_iters % dp:
+            problems.append(f"trainer.eval_iters={t.eval_iters} must be a multiple of the data-parallel size {dp} "
+                            f"with parallel.ep={p.ep}: evaluation micro-batches are dealt round-robin over dp ranks "
+                            "and every rank of an expert-parallel group must run the same number (all-to-all)")
+
+    from ..parallel.zero.config import validate as validate_zero
+
+    problems += validate_zero(cfg.zero, [layout["dp_pair"], layout["dp_node"], layout["dp_inter"]] if layout
+                              else [1, 1, 1], ["pair", "node", "inter"])
+    if layout and cfg.zero.secondary_partition_level != "none":
+        inside = layout["dp_pair"] * (layout["dp_node"] if cfg.zero.secondary_partition_level == "node" else 1)
+        if inside == 1:
+            problems.append(f"zero.secondary_partition_level={cfg.zero.secondary_partition_level}: that level has "
+                            "one rank here (set parallel.dp_pair/dp_node), so hpZ would keep a full copy")
 
     _positive(problems, "optim.lr", o.lr)
     _positive(problems, "optim.min_lr", o.min_lr, allow_zero=True)
@@ -174,6 +208,37 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _pipeline_problems(p, m, d) -> list[str]:
+    """parallel.pp_schedule / pp_virtual_stages / pp_partition / microbatches (shardwise.parallel.pipeline)."""
+    single, multi = ("gpipe", "1f1b"), ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
+    out = []
+    if p.pp_schedule not in single + multi:
+        out.append(f"parallel.pp_schedule={p.pp_schedule!r}: use one of {', '.join(single + multi)}")
+    if p.pp_partition not in ("uniform", "balanced"):
+        out.append(f"parallel.pp_partition={p.pp_partition!r}: use uniform or balanced")
+    v = p.pp_virtual_stages
+    if v < 1:
+        out.append(f"parallel.pp_virtual_stages={v}: must be >= 1")
+    if p.pp <= 1:
+        return out
+    if p.pp_schedule in single and v != 1:
+        out.append(f"parallel.pp_schedule={p.pp_schedule} runs one stage per rank: set parallel.pp_virtual_stages=1 "
+                   "or use interleaved_1f1b")
+    if p.pp_schedule in multi and v < 2:
+        out.append(f"parallel.pp_schedule={p.pp_schedule} needs parallel.pp_virtual_stages >= 2")
+    if p.pp_schedule == "zbv_zero_bubble" and v != 2:
+        out.append(f"parallel.pp_schedule=zbv_zero_bubble needs parallel.pp_virtual_stages=2 (V shape), got {v}")
+    if v >= 1 and m.num_layers < p.pp * v:
+        out.append(f"parallel.pp*pp_virtual_stages = {p.pp}*{v} stages exceed model.num_layers={m.num_layers}: "
+                   "a stage would have no layer")
+    if m.tie_embeddings:
+        out.append("model.tie_embeddings=true is not supported with parallel.pp > 1 (the tied matrix would sit on the "
+                   "first and last stage); set model.tie_embeddings=false")
+    if p.microbatches is not None and p.microbatches < 1:
+        out.append(f"parallel.microbatches={p.microbatches}: must be >= 1 (or null)")
+    return out
 
 
 # Parallel features whose issues have not landed yet (pipeline, expert parallel): a layout using them validates (so cluster

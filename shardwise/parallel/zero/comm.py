@@ -43,13 +43,22 @@ class ByteCounter:
         self.counts = defaultdict(float)
 
 
+class _Done:
+    """The handle of a collective that needed no communication (a group of one rank)."""
+
+    def wait(self) -> None:
+        pass
+
+
 class Group:
-    """A process group with its accounting label, size, this rank's index in it and whether it spans nodes."""
+    """A process group with its accounting label, size, this rank's index in it and whether it spans nodes.
+    `group=None` without an initialised process group is a group of one (a single-process run)."""
 
     def __init__(self, group, label: str, ranks_per_node: int, counter: ByteCounter):
         self.pg, self.label, self.counter = group, label, counter
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        alone = group is None and not dist.is_initialized()
+        self.size = 1 if alone else dist.get_world_size(group)
+        self.rank = 0 if alone else dist.get_rank(group)
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.size))
         self.spans_nodes = len({r // max(1, ranks_per_node) for r in ranks}) > 1
         self.account = True
@@ -67,6 +76,8 @@ class Group:
         return dist.reduce_scatter_single(out, inp, group=self.pg, async_op=async_op)
 
     def all_reduce(self, t: torch.Tensor, async_op: bool = False):
+        if self.size == 1:  # nothing to sum (also the path of a single process without a process group)
+            return _Done() if async_op else None
         self._charge(2 * (self.size - 1) / self.size * t.numel() * t.element_size())
         return dist.all_reduce(t, group=self.pg, async_op=async_op)
 

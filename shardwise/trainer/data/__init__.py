@@ -31,11 +31,11 @@ _EXPORTS = {
 __all__ = ["DataError", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from .corpus import ensure_bundled_corpus
-    from .datasets import build_datasets
-    from .preprocess import preprocess
-    from .sampler import GlobalBatchIterator, eval_batches
-    from .tokenizer import build_tokenizer
+    from .corpus import ensure_bundled_corpus  # noqa: F401
+    from .datasets import build_datasets  # noqa: F401
+    from .preprocess import preprocess  # noqa: F401
+    from .sampler import GlobalBatchIterator, eval_batches  # noqa: F401
+    from .tokenizer import build_tokenizer  # noqa: F401
 
 
 def __getattr__(name: str):
