@@ -173,6 +173,12 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
             problems.append(f"zero.secondary_partition_level={cfg.zero.secondary_partition_level}: that level has "
                             "one rank here (set parallel.dp_pair/dp_node), so hpZ would keep a full copy")
 
+    from ..fault_tolerance.config import validate_ft
+
+    # Nodes for the erasure-coding groups: parallel.ranks_per_node, else (launcher) one node per job here;
+    # the trainer re-checks with the resolved LOCAL_WORLD_SIZE.
+    problems += validate_ft(cfg.fault_tolerance, world_size, p.ranks_per_node or world_size)
+
     _positive(problems, "optim.lr", o.lr)
     _positive(problems, "optim.min_lr", o.min_lr, allow_zero=True)
     if o.lr > 0 and o.min_lr > o.lr:
