@@ -7,6 +7,12 @@ Variants (each one spawned run of `--world` gloo ranks on this machine, `--steps
   zero3_hier        ZeRO-3 over the levels `--levels` (innermost first; nodes of `--ranks-per-node`)
   zero3_hier_hpz_q  + hpZ on the second-outermost level + int8 weights (qwZ) + int8 gradients (qgZ)
   fsdp2             torch.distributed.fsdp.fully_shard per block + root (reshard_after_forward=True)
+  deepspeed_zero3   DeepSpeed ZeRO-3; deepspeed_zeropp: + ZeRO++ (hpZ over --ranks-per-node, qwZ, qgZ);
+                    deepspeed_zeropp_hpz: hpZ only. No byte counters (like fsdp2).
+                    (scripts/bench/zero_deepspeed.py says how DeepSpeed runs on CPU). Skipped with one log
+                    line when deepspeed does not import; each is run once before the timed rounds and a
+                    failing one (e.g. ZeRO++ quantization, CUDA-only) is left out, its error stored in
+                    the JSON under extra.status.
 Metrics (rank 0): step_time_s (median timed step), final loss, and for the shardwise variants the
 bytes this rank sent per step by level and link class (`inter` = groups spanning > 1 node; ring
 convention of shardwise/parallel/zero/comm.py). FSDP2 has no byte counters; its volume is the flat
@@ -34,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 from harness import Variant, run_benchmark  # noqa: E402
+from zero_deepspeed import DS_VARIANTS, deepspeed_import_error, ds_worker  # noqa: E402
 
 VARIANTS = {
     "zero3_flat": ({"stage": 3}, False),
@@ -131,7 +138,36 @@ def _worker(rank, world, variant, a):
 
 def _variant(name, a):
     from shardwise.testing import run_distributed
-    return run_distributed(_worker, a.world, name, a, timeout=600)[0]
+    fn = ds_worker if name in DS_VARIANTS else _worker
+    return run_distributed(fn, a.world, name, a, timeout=600)[0]
+
+
+def _deepspeed_status(names, a) -> dict:
+    """Per DeepSpeed variant in `names`: "ok", or why it is left out of the timed rounds. Each one is
+    run once (2 steps) first, so a variant DeepSpeed cannot run here (ZeRO++ quantization needs CUDA
+    kernels) is reported with its error instead of aborting the whole benchmark."""
+    from argparse import Namespace
+
+    from shardwise.testing import DistributedTestError
+    ds = [n for n in names if n in DS_VARIANTS]
+    if not ds:
+        return {}
+    err = deepspeed_import_error()
+    if err:
+        print(f"[zero3] skipping {', '.join(ds)}: {err}", flush=True)
+        return {n: f"skipped: {err}" for n in ds}
+    status = {}
+    for n in ds:
+        try:
+            _variant(n, Namespace(**{**vars(a), "steps": 2}))
+            status[n] = "ok"
+        except DistributedTestError as e:
+            # first failing rank's traceback: its last line is the exception, the last "File" line where it rose
+            tb = [ln.strip() for ln in str(e).split("\n\nrank ")[1].splitlines() if ln.strip()] if "\n\nrank " in str(e) else []
+            where = [ln for ln in tb if ln.startswith("File ")]
+            status[n] = f"failed: {tb[-1]} ({where[-1]})" if tb and where else f"failed: {e}"
+            print(f"[zero3] leaving out {n}: {status[n]}", flush=True)
+    return status
 
 
 def main(argv=None) -> int:
@@ -147,15 +183,20 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=0)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join([*VARIANTS, *DS_VARIANTS]))
     ap.add_argument("--data", choices=["random", "pattern"], default="random",
                     help="random tokens (timing) or learnable arithmetic progressions (quantization accuracy)")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--name", default="zero3", help="benchmark name (output file <out>/<name>.json)")
     a = ap.parse_args(argv)
-    variants = [Variant(n, fn=partial(_variant, n, a)) for n in a.variants.split(",")]
+    names = a.variants.split(",")
+    unknown = [n for n in names if n not in {**VARIANTS, **EXTRA_VARIANTS, **DS_VARIANTS}]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}")
+    status = _deepspeed_status(names, a)
+    variants = [Variant(n, fn=partial(_variant, n, a)) for n in names if status.get(n, "ok") == "ok"]
     run_benchmark(a.name, variants, repeats=a.repeats, warmup=a.warmup, baseline="fsdp2"
-                        if "fsdp2" in a.variants else None, out_dir=a.out, extra=vars(a))
+                  if "fsdp2" in names else None, out_dir=a.out, extra={**vars(a), "status": status})
     return 0
 
 
