@@ -28,7 +28,7 @@ def test_recipes_compose_and_validate():
 def test_cluster_recipe_validates_for_its_world_but_not_others():
     cfg, _ = compose_config(["recipe=mixtral_8x7b_64gpu"])
     validate_config(cfg, 64)
-    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep) == (2, 4, 8)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep) == (2, 4, 4)
     with pytest.raises(ConfigError, match="world size 60 is not divisible by parallel.tp"):
         validate_config(cfg, 60)
     with pytest.raises(ConfigError, match="not implemented in this version"):

@@ -72,7 +72,7 @@ def _built_groups(rank, world):
     import torch
     import torch.distributed as dist
 
-    d = dims(world, tp=2, dp_pair=2, ep=2, ranks_per_node=2).build_mesh("cpu")
+    d = dims(world, tp=2, dp_pair=2, ep=2, ranks_per_node=4).build_mesh("cpu")
     names = ("tp", "dp", "dp_pair", "dp_node", "dp_inter", "pp", "ep", "edp")
     got = {n: dist.get_process_group_ranks(d.group(n)) for n in names}
     want = {n: d.group_ranks(n, rank) for n in names}
