@@ -21,7 +21,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "tokenizers", "wandb", "matplotlib"],
+        # transformers/safetensors: tests/test_hf.py compares against transformers' Llama/Mixtral.
+        "dev": ["pytest>=7", "pytest-timeout", "tokenizers", "wandb", "matplotlib", "transformers>=5", "safetensors>=0.4"],
         # Plots of scripts/bench/ (JSON is written without it).
         "bench": ["matplotlib"],
         "wandb": ["wandb"],
@@ -30,7 +31,8 @@ setup(
         # `pip install shardwise[megatron]` in existing job scripts keeps working.
         "megatron": ["megatron-core>=0.12"],
         # Hugging Face tokenizer.json support for scripts/preprocess_data.py and weight interop.
-        "hf": ["tokenizers", "transformers", "safetensors"],
+        # (transformers does not depend on torch, so it cannot pull another one; >=5: the tested layouts.)
+        "hf": ["tokenizers", "transformers>=5", "safetensors>=0.4"],
     },
     entry_points={
         "console_scripts": [

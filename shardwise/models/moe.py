@@ -9,6 +9,18 @@ Loss formulas (T tokens in the micro-batch, E experts, k = top_k, p_te = softmax
   aux    = aux_loss_coef * E / (k * T^2) * sum_e (sum_t p_te) * c_e,  c_e = assignments to e (before
            capacity dropping), the Switch/GShard loss as Megatron writes it; 1.0*coef when balanced.
   z_loss = z_loss_coef * mean_t (logsumexp_e logits_te)^2   (ST-MoE).
+Both are computed per micro-batch (T = the tokens of this rank's micro-batch, before any dispatch):
+the trainer adds each micro-batch's loss divided by the global number of micro-batches, so the value
+and its gradient are the same at any dp/ep size and equal the single-process reference's. (A loss
+over the EP group's whole batch would change with the ep size and need an extra all-reduce of the
+per-expert sums in forward and backward, for a balancing signal that is only coarser-grained.)
+
+Sigmoid scoring (DeepSeek-V3): s_te = sigmoid(logit_te); the top-k is taken over s (+ the balancing bias
+when enabled), the combine weights are the selected s renormalised to sum 1 (norm_topk_prob), and the
+aux loss and the capacity rule use the normalised scores p_te = s_te / sum_e s_te.
+Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias b_e (buffer `router.expert_bias`) is added
+to the scores for the top-k *selection only*; after each optimizer step `update_expert_bias` moves it by
+rate * sign(mean_load - load_e) with the step's global per-expert counts, so every rank keeps the same b.
 """
 from __future__ import annotations
 
@@ -35,22 +47,57 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Linear scoring of tokens against experts, softmax, top-k. Runs in fp32 (routing is brittle in bf16)."""
+    """Linear scoring of tokens against experts, softmax or sigmoid scores, top-k. Runs in fp32 (routing
+    is brittle in bf16). balance_bias: keep the auxiliary-loss-free balancing bias (a buffer, zeros)."""
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool = True):
+    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool = True,
+                 score: str = "softmax", balance_bias: bool = False):
         super().__init__()
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"router score {score!r}: use softmax or sigmoid (model.moe.router_score)")
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
+        self.score = score
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.expert_bias: Optional[torch.Tensor]
+        if balance_bias:
+            # A buffer, not a parameter: no gradient, identical on every rank (updated from global counts).
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        probs = logits.softmax(dim=-1)
-        weights, expert_idx = probs.topk(self.top_k, dim=-1)
+        if self.score == "softmax":
+            probs = scores = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        if self.expert_bias is None:
+            weights, expert_idx = scores.topk(self.top_k, dim=-1)
+        else:  # the bias steers which experts are chosen, never how much they weigh
+            expert_idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices
+            weights = scores.gather(1, expert_idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return RouterOutput(expert_idx, weights, probs, logits)
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, counts: torch.Tensor) -> None:
+    """Auxiliary-loss-free balancing step (DeepSeek-V3), after the optimizer step: for the i-th MoE layer
+    of `model` (forward order, as ModelOutput.moe_stats), b_e += rate * sign(mean_e(c) - c_e) with
+    counts[i] = that layer's assignments over the whole global batch (summed over micro-batches and
+    data-parallel ranks, so every rank applies the same update). Layers without a bias are skipped."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if counts.shape[0] != len(layers):
+        raise ValueError(f"update_expert_bias: counts for {counts.shape[0]} MoE layers, model has {len(layers)}")
+    for layer, c in zip(layers, counts):
+        b = layer.router.expert_bias
+        if b is not None and layer.bias_update_rate > 0:
+            c = c.to(b.device, torch.float32)
+            b.add_(layer.bias_update_rate * torch.sign(c.mean() - c))
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -86,7 +133,9 @@ def capacity_keep_mask(expert_idx: torch.Tensor, probs: torch.Tensor, num_expert
 class LocalDispatcher:
     """Single-device dispatch: sort (token, expert) assignments by expert so each expert's tokens are
     one contiguous segment; combine scatters the weighted expert outputs back with index_add.
-    The expert-parallel dispatcher keeps this interface and adds the all-to-all exchange."""
+    Interface: dispatch -> (rows for this rank's experts grouped by local expert, rows per local expert,
+    ctx); combine(expert outputs, ctx, ...) -> [T, d]. The expert-parallel dispatcher
+    (shardwise.parallel.expert_parallel.AllToAllDispatcher) keeps it and adds the all-to-all exchange."""
 
     def dispatch(self, x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, num_experts: int):
         order = torch.argsort(expert_idx, stable=True)
@@ -192,12 +241,15 @@ class MoELayer(nn.Module):
         norm_topk_prob: bool = True,
         aux_loss_coef: float = 0.0,
         z_loss_coef: float = 0.0,
+        router_score: str = "softmax",
+        bias_update_rate: float = 0.0,
     ):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.router = Router(hidden, num_experts, top_k, norm_topk_prob)
+        self.bias_update_rate = bias_update_rate
+        self.router = Router(hidden, num_experts, top_k, norm_topk_prob, router_score, bias_update_rate > 0)
         self.experts = GroupedExperts(num_experts, hidden, expert_ffn_hidden)
         self.shared = SwiGLU(hidden, shared_experts * expert_ffn_hidden) if shared_experts else None
         self.dispatcher = LocalDispatcher()
@@ -229,7 +281,12 @@ class MoELayer(nn.Module):
         # Tensor-parallel region: experts hold a slice of their width, so their outputs (and the
         # gradients of the combine weights) are partial sums until exit.
         xe, weights = self.tp_region.enter(x2), self.tp_region.enter(weights)
-        xs, seg_counts, order = self.dispatcher.dispatch(xe, token_idx, flat_e, self.num_experts)
+        xd = xe
+        if torch.is_autocast_enabled(xe.device.type):
+            # grouped_mm is not on autocast's list: cast the routed rows ourselves so the experts run (and
+            # the expert-parallel all-to-all travels) in the autocast dtype, not in the fp32 of the norm.
+            xd = xe.to(torch.get_autocast_dtype(xe.device.type))
+        xs, seg_counts, order = self.dispatcher.dispatch(xd, token_idx, flat_e, self.num_experts)
         ys = self.experts(xs, seg_counts)
         out = self.dispatcher.combine(ys, order, token_idx, weights, t)
         if self.shared is not None:

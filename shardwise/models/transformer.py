@@ -46,6 +46,8 @@ class Block(nn.Module):
                 norm_topk_prob=moe.norm_topk_prob,
                 aux_loss_coef=moe.aux_loss_coef,
                 z_loss_coef=moe.z_loss_coef,
+                router_score=moe.router_score,
+                bias_update_rate=moe.bias_update_rate,
             )
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
