@@ -251,7 +251,7 @@ def _pipeline_problems(p, m, d) -> list[str]:
 # recipes can be checked here) but the trainer refuses to run it rather than silently ignore it.
 def check_supported(cfg: ShardwiseConfig) -> None:
     p = cfg.parallel
-    missing = [f"parallel.{n}={getattr(p, n)}" for n in ("pp", "ep") if getattr(p, n) > 1]
+    missing = [f"parallel.{n}={getattr(p, n)}" for n in ("ep",) if getattr(p, n) > 1]  # pp: shardwise.parallel.pipeline
     if missing:
         raise ConfigError(
             f"{', '.join(missing)}: not implemented in this version of the trainer (data + tensor/sequence "

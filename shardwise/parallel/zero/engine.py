@@ -275,6 +275,26 @@ class ZeroEngine(ParamGatherMixin):
                 self._free(u)
             u.secondary = None
 
+    def reduce_gradients(self) -> None:
+        """Reduce every unit's accumulated gradients now, for callers whose backwards ALL ran inside
+        `no_sync()` (a pipeline schedule runs several interleaved backwards per step, none of them the
+        last); same result as one synchronised backward. Then clip/step as usual. Gradients left in a
+        parameter's .grad (split weight backward, e.g. zero-bubble schedules, assigns .grad directly and
+        bypasses the post-accumulate hooks) are taken into the accumulators first."""
+        for u in reversed(self.units):  # rank-independent order
+            for s in u.layout.slots:
+                if s.param.grad is not None:
+                    if u.grad_acc is None:
+                        u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
+                    u.grad_acc[s.offset: s.offset + s.numel].add_(s.param.grad.reshape(-1))
+                    s.param.grad = None
+            if u.n_grad:
+                self._launch_reduce(u)
+        while self._reducing:
+            self._finish_reduce(self._reducing.popleft())
+        if self.tp is not None and self.tp.size > 1:
+            self._sum_partial_over_tp()
+
     def _sum_partial_over_tp(self) -> None:
         """Sum the reduced gradients of `tp_partial` parameters (e.g. sequence-parallel norm weights,
         each tp rank holding the gradient of its sequence shard) over tp: one all-reduce of all pieces."""
