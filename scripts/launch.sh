@@ -37,5 +37,24 @@ else
          --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-shardwise}}")
 fi
 
+# Restarted workers must not reuse torchrun's rendezvous store (stale addresses, pytorch/pytorch#135712).
+[[ "$MAX_RESTARTS" != 0 ]] && export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+# Fault tolerance (fault_tolerance.snapshot_every > 0): snapshot managers must run before the trainers. One
+# node: shardwise-launch starts one per emulated node and stops them at the end. Several nodes: start them
+# yourself (as scripts/slurm/train.sbatch does) and export SHARDWISE_FT_SMPS / SHARDWISE_FT_SECRET.
+FT_EVERY=$("$PYTHON" -c 'import sys
+from shardwise.trainer.compose import compose_config
+print(compose_config(sys.argv[1:])[0].fault_tolerance.snapshot_every)' "$@")
+if [[ "$FT_EVERY" -gt 0 && -z "${SHARDWISE_FT_SMPS:-}" ]]; then
+  if [[ "$NNODES" != 1 ]]; then
+    echo "launch.sh: fault_tolerance snapshots on $NNODES nodes: start one snapshot manager per node first and" \
+         "export SHARDWISE_FT_SMPS and SHARDWISE_FT_SECRET (see scripts/slurm/train.sbatch)" >&2
+    exit 2
+  fi
+  set -x
+  exec "$PYTHON" -m shardwise.launch "${args[@]}" "$@" "run_dir=${RUN_DIR}"
+fi
+
 set -x
 exec "$PYTHON" -m torch.distributed.run "${args[@]}" -m shardwise.train "$@" "run_dir=${RUN_DIR}"

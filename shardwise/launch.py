@@ -4,10 +4,18 @@ Arguments that start with `-` (and the value after a flag given without `=`) go 
 `key=value` arguments are Hydra overrides for the trainer. Without --nproc-per-node it starts one
 process per visible GPU, or 2 CPU processes. Without --nnodes/--rdzv-endpoint it runs --standalone.
 The run directory is fixed here, once, so that every rank (and a restarted worker) writes to the
-same place. Later issues start the per-node services (snapshot manager) here before the trainers.
+same place.
+
+Fault tolerance (`fault_tolerance.snapshot_every > 0`): before torchrun, one snapshot manager (SMP) per node
+-- on one machine, per emulated node of `parallel.ranks_per_node` ranks -- with a per-job id and secret,
+addresses in <run_dir>/ft_smps.json (shardwise.fault_tolerance.smp_group). They outlive torchrun's worker
+restarts (`--max-restarts R`: the restarted workers recover from them) and are stopped, segments removed,
+when torchrun returns or raises. Multi-node jobs start the SMPs outside (scripts/slurm/train.sbatch) and
+export SHARDWISE_FT_SMPS/SHARDWISE_FT_SECRET; the launcher then starts none.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -84,7 +92,37 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ConfigError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         sys.exit(2)
-    torchrun_main(args)
+    restarts = _flag_value(args[:split], "--max-restarts", "--max_restarts") or "0"
+    if restarts != "0" and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ:
+        # Restarted workers must not share torchrun's rendezvous store: they would read the previous
+        # incarnation's gloo/NCCL addresses from it and fail to connect (pytorch/pytorch#135712).
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        print("shardwise-launch: --max-restarts: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (workers get their own store)",
+              flush=True)
+    smps = start_snapshot_managers(cfg, args[:split], world)
+    try:
+        torchrun_main(args)
+    finally:
+        if smps is not None:
+            smps.stop()
+
+
+def start_snapshot_managers(cfg, torchrun_args: list[str], world: Optional[int]):
+    """One SMP per (emulated) node when snapshots are on and this is a single-machine job; else None."""
+    from pathlib import Path
+
+    from .fault_tolerance.smp_group import SMPS_ENV, SMPGroup
+
+    if cfg.fault_tolerance.snapshot_every <= 0 or os.environ.get(SMPS_ENV):
+        return None  # snapshots off, or the SMPs were started outside (multi-node job script)
+    nnodes = _flag_value(torchrun_args, "--nnodes") or "1"
+    if nnodes != "1" or world is None:
+        print("shardwise: fault_tolerance.snapshot_every > 0 on a multi-node (or elastic) job: start one snapshot "
+              "manager per node first (scripts/slurm/train.sbatch does) and export SHARDWISE_FT_SMPS and "
+              "SHARDWISE_FT_SECRET", file=sys.stderr)
+        sys.exit(2)
+    rpn = cfg.parallel.ranks_per_node or world
+    return SMPGroup.start(Path(cfg.run_dir), world // rpn, cfg.fault_tolerance.memory_budget_gib)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,13 @@ class Trainer:
         self.model: nn.Module = parallelize_model(build_model(cfg.model, t.seed, "cpu"), self.dims, cfg.parallel)
         # Data parallel (all stages, including replicated stage 0) through the ZeRO engine; it owns the
         # fp32 master weights and the AdamW optimizer on this rank's shard.
-        self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device)
+        self.pipeline = None
+        if self.dims.pp > 1:  # pipelined: a schedule runs the step (shardwise.trainer.pipeline_step)
+            from .pipeline_step import PipelineStep
+            self.pipeline = PipelineStep(self.model, self.dims, cfg, env.device)
+            self.engine = self.pipeline.engine
+        else:
+            self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device)
         self.raw_model = self.engine.module
         self.optimizer = self.engine.optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
@@ -85,6 +91,21 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.logging, run_dir, env.is_main, t.max_steps, run_name=run_name)
         self.step = 0
         self.stop_requested = False
+        # --- fault tolerance (shardwise.fault_tolerance.trainer_hooks): SMP snapshots, recovery, injection ---
+        from ..fault_tolerance.trainer_hooks import FaultTolerance
+        self.ft = FaultTolerance.build(self)
+        if self.ft is not None:
+            # Sets self.step and all state when a snapshot is restored; "durable" (no usable snapshot, a
+            # checkpoint exists) leaves step 0 so the durable checkpointer below resumes.
+            self.ft.restore(self, durable_ok=True)
+        # --- end fault tolerance ---
+        # --- durable checkpoints (shardwise.fault_tolerance.checkpoint): when fault_tolerance.checkpoint_dir is set,
+        # resume from its newest checkpoint (any layout) unless a snapshot was restored; save every checkpoint_every ---
+        from ..fault_tolerance.checkpoint import DurableCheckpointer
+        self.checkpointer = DurableCheckpointer.build(self)
+        if self.checkpointer is not None and self.step == 0:
+            self.checkpointer.resume(self)
+        # --- end durable checkpoints ---
         counts = count_parameters(cfg.model)
         dm = self.dims
         log.info("model %s: %.2fM parameters (%.2fM active), %.3g FLOPs/token; %d rank(s) as tp=%d%s x dp=%d "
@@ -120,7 +141,10 @@ class Trainer:
         aux_total = torch.zeros((), device=self.env.device)
         expert_counts: Optional[torch.Tensor] = None
         dropped = torch.zeros((), device=self.env.device)
-        for i, mb in enumerate(micro_batches):
+        if self.pipeline is not None:  # the schedule runs every micro-batch; the loop below then has none
+            ce_total, aux_total, expert_counts, dropped = self.pipeline.forward_backward(
+                micro_batches, global_tokens, self.num_micro_global, self.autocast)
+        for i, mb in enumerate(micro_batches if self.pipeline is None else []):
             last = i == len(micro_batches) - 1
             # Reduce gradients once, after the last micro-batch.
             sync = contextlib.nullcontext() if last else self.engine.no_sync()
@@ -138,8 +162,10 @@ class Trainer:
 
         # Gradients are now summed over dp (and the sequence-parallel norm weights' over tp) by the engine.
         clip = self.cfg.optim.grad_clip
-        grad_norm = self.engine.clip_grad_norm_(clip if clip > 0 else float("inf"))
+        grad_norm = (self.pipeline or self.engine).clip_grad_norm_(clip if clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
+        if self.ft is not None:
+            self.ft.before_optimizer_step()  # the in-flight snapshot reads the buffers this step overwrites
         self.optimizer.step()
         self.scheduler.step()
         self.engine.zero_grad()
@@ -177,17 +203,23 @@ class Trainer:
         # Bytes this rank sent in the step, per dp level / group / link class (comm_bytes.inter: over
         # collectives whose group spans nodes, so flat and hierarchical layouts compare directly).
         m.update({f"comm_bytes.{k}": v for k, v in self.engine.comm_bytes().items()})
+        if self.pipeline is not None:
+            m.update(self.pipeline.metrics())  # pp_bubble_mean / pp_bubble_max
         return m
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model state dict (fp32 master weights gathered over dp, then tp-sharded
         parameters over tp), on every rank. Collective over the dp and tp groups."""
         local = self.engine.full_state_dict(rank0_only=False)
+        if self.pipeline is not None:
+            return self.pipeline.full_state_dict(local, self.tp_group)
         return full_state_dict(self.raw_model, self.tp_group, local)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.raw_model.eval()
+        if self.pipeline is not None:
+            return self.pipeline.evaluate([self._to_device(b) for b in self.eval_data], self.autocast, self.dp_group)
         ce = torch.zeros(2, device=self.env.device)
         for mb in self.eval_data:
             mb = self._to_device(mb)
@@ -210,9 +242,19 @@ class Trainer:
                     self.metrics.log(self.step, m)
                     history.append({"step": self.step, **m})
                 self.metrics.advance()
+                if self.ft is not None:
+                    self.ft.after_step(self)  # async snapshot of this step (after its world-wide collectives)
+                if self.checkpointer is not None:
+                    self.checkpointer.after_step(self)  # durable checkpoint (async; blocks for the host copy only)
                 if self.stop_requested:
                     log.warning("stop requested (SIGTERM): finished step %d cleanly and stopping", self.step)
                     break
         finally:
             self.metrics.close()
+            if self.ft is not None:
+                self.ft.close()
+            if self.checkpointer is not None:
+                self.checkpointer.close()  # waits for the checkpoint save in flight
+        from ..fault_tolerance.trainer_hooks import maybe_save_final_state
+        maybe_save_final_state(self)  # $SHARDWISE_SAVE_FINAL_STATE=1: <run_dir>/final_state.pt (tests)
         return history

@@ -28,7 +28,9 @@ def _opt_state(engine, view) -> dict:
     return engine.optimizer.state.get(view, {})
 
 
-def sharded_state_dict(engine) -> dict:
+def sharded_state_dict(engine, clone: bool = True) -> dict:
+    # clone=False: views of the live shards (the async snapshot engine copies them before the next optimizer step).
+    cp = (lambda t: t.clone()) if clone else (lambda t: t)
     params, units = {}, {}
     step = 0
     for u in engine.units:
@@ -41,12 +43,12 @@ def sharded_state_dict(engine) -> dict:
         for pc in u.layout.pieces:
             s = pc.slot
             e = {"global_shape": s.shape, "numel": s.numel, "unit": u.name, "unit_offset": s.offset,
-                 "flat_range": (pc.plo, pc.phi), "param": src[pc.lo: pc.hi].clone(),
-                 "master": u.master[pc.lo: pc.hi].clone()}
+                 "flat_range": (pc.plo, pc.phi), "param": cp(src[pc.lo: pc.hi]),
+                 "master": cp(u.master[pc.lo: pc.hi])}
             st = _opt_state(engine, views[id(pc)]) if id(pc) in views else {}
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in st:
-                    e[k] = st[k].clone()
+                    e[k] = cp(st[k])
             if "step" in st:
                 e["step"] = float(st["step"])
                 step = int(e["step"])
