@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .trainer.compose import compose_config, to_yaml
 from .trainer.distributed import init_distributed, shutdown, world_from_env
-from .trainer.validate import ConfigError, check_supported, validate_config
+from .trainer.validate import ConfigError, validate_config
 
 log = logging.getLogger("shardwise")
 
@@ -44,7 +44,6 @@ def run(overrides: Sequence[str]) -> list[dict]:
     setup_logging(rank)
     cfg, recipe = compose_config(overrides)
     validate_config(cfg, world)
-    check_supported(cfg)
 
     env = init_distributed(cfg.parallel, cfg.trainer)
     from .trainer.trainer import Trainer  # heavy imports (megatron datasets) after validation

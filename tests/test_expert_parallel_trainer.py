@@ -3,15 +3,13 @@ single-process tiny_moe run: DeepSeek-V3-style routing (sigmoid scores, balancin
 global counts after every step) and ZeRO-3, 5 steps + one evaluation (fp32; losses RTOL 1e-5 / ATOL 1e-6,
 parameters ATOL 1e-5 as tests/test_expert_parallel.py).
 
-Skipped while the trainer refuses parallel.ep > 1 (trainer/validate.check_supported), i.e. until the
-expert-parallel engine is wired into the trainer; then it checks the wiring: build_data_parallel returns
-the MoE engine for ep > 1, and the trainer calls update_expert_bias with the all-reduced counts."""
+It checks the wiring: build_data_parallel returns the MoE engine for ep > 1 (else the experts would be
+reduced over the whole dp group and diverge), and the trainer calls update_expert_bias with the
+all-reduced counts (else the reference's bias stays zero and the asserted bias movement fails)."""
 import pytest
 import torch
 
 from shardwise.testing import run_distributed
-from shardwise.trainer.compose import compose_config
-from shardwise.trainer.validate import ConfigError, check_supported
 
 from test_trainer import _train
 
@@ -32,11 +30,6 @@ def _overrides(recipe, cache):
 
 def test_trainer_ep2_on_4_processes_matches_single_process(corpus_cache, tmp_path):
     cache_dir = corpus_cache
-    cfg, _ = compose_config(_overrides("tiny_moe_ep", cache_dir))
-    try:
-        check_supported(cfg)
-    except ConfigError as e:
-        pytest.skip(f"the trainer does not run expert parallel yet: {e}")
     (ref_loss, _, ref_params), = run_distributed(_train, 1, _overrides("tiny_moe", cache_dir), str(tmp_path / "r"),
                                                  timeout=180)
     assert ref_params["layers.0.mlp.router.expert_bias"].abs().sum() > 0, "the trainer never updated the bias"

@@ -1,4 +1,4 @@
-"""Pipeline parallel (x tensor parallel x hierarchical ZeRO x data parallel) matches a single-process
+"""Pipeline parallel (x tensor parallel x hierarchical ZeRO x data parallel x expert parallel) matches a single-process
 reference: 5 steps of a tiny fp32 8-layer model (dense, and MoE with 4 experts top-2, aux + z loss),
 losses, clipping norms and the full gathered parameters within RTOL 1e-5 / ATOL 1e-6 (as the ZeRO tests).
 Clipping is active (max norm 0.3 < the ~0.7-0.95 norms), so a clipping norm not summed over the stages
@@ -29,9 +29,9 @@ def _run(rank, world, configs):
     for key, spec in configs:
         spec = dict(spec)
         ablate = spec.pop("ablate", None)
-        layout = (spec.get("tp", 1), spec["pp"], spec.get("dp_pair", 1))
+        layout = (spec.get("tp", 1), spec["pp"], spec.get("dp_pair", 1), spec.get("ep", 1))
         if layout not in meshes:  # building a mesh costs seconds on gloo: one per layout
-            pc = ParallelConfig(tp=layout[0], pp=layout[1], dp_pair=layout[2])
+            pc = ParallelConfig(tp=layout[0], pp=layout[1], dp_pair=layout[2], ep=layout[3])
             meshes[layout] = ParallelDims.from_config(pc, world, world).build_mesh("cpu")
         spec["dims"] = meshes[layout]
         saved = (stages_mod.AuxLossScaler.apply, runner_mod.PipelineRunner.clip_grad_norm_)
@@ -59,6 +59,8 @@ def _configs_4():
         cfgs.append((f"{m}-pp2-tp2-1f1b", dict(moe=moe, pp=2, tp=2, schedule="1f1b", micro=4)))
     cfgs.append(("dense-pp2-tp2-sp-interleaved_1f1b", dict(moe=False, pp=2, tp=2, sp=True, schedule="interleaved_1f1b",
                                                            virtual=2, micro=4)))
+    # PP x EP: routed experts split over ep=2 (edp=1), the rest ZeRO-3 over dp=2 (MoEZeroEngine per stage)
+    cfgs.append(("moe-pp2-ep2-s3-1f1b", dict(moe=True, pp=2, ep=2, dp_pair=2, schedule="1f1b", micro=2, stage=3)))
     cfgs.append(("dense-pp4-1f1b-balanced", dict(moe=False, pp=4, schedule="1f1b", micro=4, partition="balanced")))
     cfgs.append(("ablate-aux", dict(moe=True, pp=2, schedule="1f1b", micro=2, dp_pair=2, ablate="aux")))
     cfgs.append(("ablate-pp_norm", dict(moe=False, pp=2, schedule="1f1b", micro=2, dp_pair=2, ablate="pp_norm")))
@@ -71,7 +73,10 @@ def _configs_8():
                                                          micro=2, stage=3, dp_pair=2)),
             # hierarchical ZeRO: dp 4 = pair 2 x inter 2
             ("dense-pp2-dp4hier-s3-gpipe", dict(moe=False, pp=2, schedule="gpipe", micro=2, stage=3, dp_pair=2)),
-            ("moe-pp2-dp4hier-s2-1f1b", dict(moe=True, pp=2, schedule="1f1b", micro=2, stage=2, dp_pair=2))]
+            ("moe-pp2-dp4hier-s2-1f1b", dict(moe=True, pp=2, schedule="1f1b", micro=2, stage=2, dp_pair=2)),
+            # PP x EP x hierarchical ZeRO: ep=2 = dp_pair, experts reduced over the inter level (edp=2)
+            ("moe-pp2-ep2-dp4hier-s3-interleaved_1f1b", dict(moe=True, pp=2, ep=2, dp_pair=2, stage=3,
+                                                             schedule="interleaved_1f1b", virtual=2, micro=2))]
 
 
 def _n_global(spec, world):
@@ -111,6 +116,8 @@ def test_every_configuration_matches_single_process(runs, references):
         if key.startswith("ablate"):
             continue
         _compare(res, references[(spec["moe"], _n_global(spec, world))], key)
+        if spec["moe"]:  # the experts really are split over ep (4 experts in pp_config)
+            assert set(res["local_experts"]) == {4 // spec.get("ep", 1)}, (key, res["local_experts"])
         checked.append(key)
     assert len(checked) == len(runs) - 2 >= 28, checked
     losses, norms, _ = references[(False, 4)]

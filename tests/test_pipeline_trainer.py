@@ -1,5 +1,6 @@
 """The real Trainer runs pipelined recipes end to end: PP=2 x DP=2 (ZeRO-3, 1F1B) on the dense model and
-PP=2 x TP=2 (interleaved 1F1B, 2 virtual stages) on the MoE model match the single-process trainer over 5
+PP=2 x TP=2 (interleaved 1F1B, 2 virtual stages) and PP=2 x EP=2 (ZeRO-1, DeepSeek-style routing with the
+balancing bias) on the MoE model match the single-process trainer over 5
 steps (losses, eval loss, clipping norms, MoE aux loss, full parameters; fp32, RTOL 1e-5 / ATOL 1e-6,
 parameters and aux ATOL 1e-5 as tests/test_tensor_parallel.py), and report the pipeline bubble fraction."""
 from pathlib import Path
@@ -22,13 +23,12 @@ def _overrides(recipe, cache_dir, *extra):
 def _train(rank, world, runs, run_dir):
     from shardwise.trainer.distributed import init_distributed
     from shardwise.trainer.trainer import Trainer
-    from shardwise.trainer.validate import check_supported, validate_config
+    from shardwise.trainer.validate import validate_config
 
     out = []
     for i, overrides in enumerate(runs):
         cfg, _ = compose_config(overrides)
         validate_config(cfg, world)
-        check_supported(cfg)
         env = init_distributed(cfg.parallel, cfg.trainer)
         Path(run_dir, str(i)).mkdir(parents=True, exist_ok=True)
         tr = Trainer(cfg, env, Path(run_dir, str(i)))
@@ -40,17 +40,22 @@ def _train(rank, world, runs, run_dir):
     return out
 
 
-CASES = {"dense": ("tiny_dense", ["parallel.pp=2", "zero.stage=3", "parallel.pp_schedule=1f1b"]),
-         "moe": ("tiny_moe", ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=interleaved_1f1b",
-                              "parallel.pp_virtual_stages=2"])}
+# name: (recipe, overrides of both runs, overrides of the 4-process pipelined run)
+DEEPSEEK = ["model.moe.router_score=sigmoid", "model.moe.bias_update_rate=0.01"]
+CASES = {"dense": ("tiny_dense", [], ["parallel.pp=2", "zero.stage=3", "parallel.pp_schedule=1f1b"]),
+         "moe": ("tiny_moe", [], ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                  "parallel.pp_virtual_stages=2"]),
+         # PP x EP: each stage's routed experts split over ep=2, the balancing bias updated per stage
+         "moe_ep": ("tiny_moe", DEEPSEEK, ["parallel.pp=2", "parallel.ep=2", "zero.stage=1",
+                                           "parallel.pp_schedule=1f1b"])}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("swcache"))
-    refs = run_distributed(_train, 1, [_overrides(r, cache) for r, _ in CASES.values()],
+    refs = run_distributed(_train, 1, [_overrides(r, cache, *both) for r, both, _ in CASES.values()],
                            str(tmp_path_factory.mktemp("ref")), timeout=240)[0]
-    pp = run_distributed(_train, 4, [_overrides(r, cache, *extra) for r, extra in CASES.values()],
+    pp = run_distributed(_train, 4, [_overrides(r, cache, *both, *extra) for r, both, extra in CASES.values()],
                          str(tmp_path_factory.mktemp("pp")), timeout=300)
     return dict(zip(CASES, refs)), {k: [pp[r][i] for r in range(4)] for i, k in enumerate(CASES)}
 
@@ -67,10 +72,12 @@ def test_pipelined_trainer_matches_single_process(results, case):
         close(res["loss"], ref["loss"], "loss")
         close(res["eval"], ref["eval"], "eval loss")
         close(res["norm"], ref["norm"], "grad norm")
-        if case == "moe":
+        if case != "dense":
             close(res["aux"], ref["aux"], "aux loss", LOOSE_ATOL)
             close(res["tpe"], ref["tpe"], "tokens per expert")
         assert set(res["params"]) == set(ref["params"])
         for name, p in ref["params"].items():
             close(res["params"][name], p, name, LOOSE_ATOL)
         assert all(0.0 < b < 1.0 for b in res["bubble"]), res["bubble"]
+    if case == "moe_ep":  # the bias really moved (so the per-stage update rows are under test)
+        assert ref["params"]["layers.3.mlp.router.expert_bias"].abs().sum() > 0

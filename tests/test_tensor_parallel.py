@@ -50,7 +50,7 @@ def _train_many(rank, world, runs, run_dir, break_sp_grad_sync=False):
     full params gathered over tp, this rank's local replicated params, mesh coordinates)."""
     import shardwise.trainer.trainer as trainer_mod
     from shardwise.trainer.distributed import init_distributed
-    from shardwise.trainer.validate import check_supported, validate_config
+    from shardwise.trainer.validate import validate_config
 
     if break_sp_grad_sync:  # the deliberately broken variant: skip the norm-gradient all-reduce over tp
         from shardwise.parallel.zero.engine import ZeroEngine
@@ -59,7 +59,6 @@ def _train_many(rank, world, runs, run_dir, break_sp_grad_sync=False):
     for i, overrides in enumerate(runs):
         cfg, _ = compose_config(overrides)
         validate_config(cfg, world)
-        check_supported(cfg)
         env = init_distributed(cfg.parallel, cfg.trainer)
         Path(run_dir, str(i)).mkdir(parents=True, exist_ok=True)
         tr = trainer_mod.Trainer(cfg, env, Path(run_dir, str(i)))

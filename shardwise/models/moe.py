@@ -85,18 +85,21 @@ class Router(nn.Module):
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module, counts: torch.Tensor) -> None:
+def update_expert_bias(model: nn.Module, counts: torch.Tensor, rows: Optional[list[int]] = None) -> None:
     """Auxiliary-loss-free balancing step (DeepSeek-V3), after the optimizer step: for the i-th MoE layer
     of `model` (forward order, as ModelOutput.moe_stats), b_e += rate * sign(mean_e(c) - c_e) with
-    counts[i] = that layer's assignments over the whole global batch (summed over micro-batches and
-    data-parallel ranks, so every rank applies the same update). Layers without a bias are skipped."""
+    c = counts[rows[i]] (rows default 0, 1, ...) = that layer's assignments over the whole global batch
+    (summed over micro-batches and data-parallel ranks, so every rank applies the same update). `rows`:
+    a pipeline stage holds only some MoE layers of the model's table. Layers without a bias are skipped."""
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    if counts.shape[0] != len(layers):
-        raise ValueError(f"update_expert_bias: counts for {counts.shape[0]} MoE layers, model has {len(layers)}")
-    for layer, c in zip(layers, counts):
+    rows = list(range(len(layers))) if rows is None else rows
+    if len(rows) != len(layers) or (rows and max(rows) >= counts.shape[0]):
+        raise ValueError(f"update_expert_bias: {len(layers)} MoE layers in the model, rows {rows} of a table of "
+                         f"{counts.shape[0]}")
+    for layer, r in zip(layers, rows):
         b = layer.router.expert_bias
         if b is not None and layer.bias_update_rate > 0:
-            c = c.to(b.device, torch.float32)
+            c = counts[r].to(b.device, torch.float32)
             b.add_(layer.bias_update_rate * torch.sign(c.mean() - c))
 
 

@@ -17,13 +17,18 @@ LEVEL_NAMES = ["pair", "node", "inter"]  # what zero.secondary_partition_level n
 
 
 def build_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConfig, optim_cfg,
-                        device: torch.device) -> ZeroEngine:
-    """Wrap the (tensor-parallel) `model` of this rank in the ZeRO engine over dims' dp levels.
+                        device: torch.device):
+    """Wrap the (tensor-parallel) `model` of this rank in the ZeRO engine over dims' dp levels; with
+    expert parallel (dims.ep > 1) in a MoEZeroEngine, whose routed experts are reduced over the
+    expert-data-parallel group only (shardwise.parallel.zero.experts).
 
     Tensor parallel meets ZeRO in two places: the clipping norm counts tp-sharded parameters (those
     with `tp_shard_dim`) on every tp rank and replicated ones once, and sequence-parallel norm weights
     (`sequence_parallel`) hold partial gradients that the engine sums over tp after the dp reduction.
     """
+    if dims.ep > 1:
+        from .zero.experts import build_expert_data_parallel
+        return build_expert_data_parallel(model, dims, zero_cfg, optim_cfg, device)
     # Without a process group (one process) every group is None and every level has size 1.
     levels = [dims.group(name) for name in DP_LEVELS]
     named = list(model.named_parameters())

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..models import build_model, count_parameters, flops_per_token
+from ..models.moe import MoELayer, update_expert_bias
 from ..parallel import ParallelDims, build_data_parallel, full_state_dict, parallelize_model
 from .config import ShardwiseConfig
 from .data import GlobalBatchIterator, build_datasets, eval_batches
@@ -69,6 +70,12 @@ class Trainer:
         else:
             self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device)
         self.raw_model = self.engine.module
+        # Auxiliary-loss-free balancing (model.moe.bias_update_rate > 0): the rows of the step's per-MoE-layer
+        # count table that this rank's MoE layers update (a pipeline stage holds some of them).
+        self.bias_rows: Optional[list[int]] = None
+        if cfg.model.moe.num_experts > 0 and cfg.model.moe.bias_update_rate > 0:
+            ids = [int(k) for k, b in self.raw_model.layers.named_children() if isinstance(b.mlp, MoELayer)]
+            self.bias_rows = [i - cfg.model.moe.first_dense_layers for i in ids]
         self.optimizer = self.engine.optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
 
@@ -195,6 +202,8 @@ class Trainer:
         }
         if expert_counts is not None:
             counts = packed[4:].view_as(expert_counts)
+            if self.bias_rows is not None:  # the global counts: every rank moves its balancing bias the same way
+                update_expert_bias(self.raw_model, counts, self.bias_rows)
             m["aux_loss"] = float(packed[1] / self.num_micro_global)
             m["moe_dropped_fraction"] = float(packed[2] / self.num_micro_global)
             # Load of the busiest expert relative to a perfectly balanced router (1.0 = balanced).

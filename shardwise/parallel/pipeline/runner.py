@@ -182,13 +182,17 @@ class PipelineRunner:
 def build_pipeline_data_parallel(pmodel: PipelineModel, dims, zero_cfg, optim_cfg, device,
                                  param_dtype: Optional[torch.dtype] = None):
     """The ZeRO engine over this pp rank's chunks (units: embedding / blocks / head of its stages), over the
-    dp levels of `dims`, as shardwise.parallel.data_parallel.build_data_parallel does for the whole model."""
+    dp levels of `dims`, as shardwise.parallel.data_parallel.build_data_parallel does for the whole model
+    (a MoEZeroEngine with expert parallel)."""
     from ..data_parallel import LEVEL_NAMES
     from ..mesh import DP_LEVELS
     from ..zero import ZeroEngine
 
-    named = list(pmodel.named_parameters())
     kw = {} if param_dtype is None else {"param_dtype": param_dtype}
+    if dims.ep > 1:  # routed experts over the expert-data-parallel group, the rest over dp
+        from ..zero.experts import MoEZeroEngine
+        return MoEZeroEngine(pmodel, zero_cfg, optim_cfg, dims, device=device, units=pmodel.zero_units(), **kw)
+    named = list(pmodel.named_parameters())
     return ZeroEngine(pmodel, zero_cfg, optim_cfg, levels=[dims.group(n) for n in DP_LEVELS], dp_group=dims.group("dp"),
                       ranks_per_node=dims.ranks_per_node, device=device, tp_group=dims.group("tp"),
                       tp_replicated={n for n, p in named if getattr(p, "tp_shard_dim", None) is None},

@@ -28,13 +28,14 @@ def pp_config(moe: bool, layers: int = 8, hidden: int = 32) -> ModelConfig:
 
 
 def pipeline_train(rank: int, world: int, *, moe: bool, pp: int, schedule: str, micro: int, tp: int = 1,
-                   virtual: int = 1, dp_pair: int = 1, dp_node: int = 1, stage: int = 0, sp: bool = False,
+                   virtual: int = 1, dp_pair: int = 1, dp_node: int = 1, stage: int = 0, sp: bool = False, ep: int = 1,
                    partition: str = "uniform", layers: int = 8, steps: int = MAX_STEPS,
                    dims: Optional[ParallelDims] = None) -> dict:
     """`micro` micro-batches per dp rank per step. Returns on every rank {losses, norms, params (full,
     single-device names), bubble (mean/max per step), time_s}."""
     mcfg = pp_config(moe, layers)
-    pcfg = ParallelConfig(tp=tp, pp=pp, dp_pair=dp_pair, dp_node=dp_node, sequence_parallel=sp, microbatches=micro)
+    pcfg = ParallelConfig(tp=tp, pp=pp, dp_pair=dp_pair, dp_node=dp_node, sequence_parallel=sp, microbatches=micro,
+                          ep=ep)
     pcfg.pp_schedule, pcfg.pp_virtual_stages, pcfg.pp_partition = schedule, virtual, partition
     if dims is None:
         dims = ParallelDims.from_config(pcfg, world, world).build_mesh("cpu")
@@ -69,5 +70,7 @@ def pipeline_train(rank: int, world: int, *, moe: bool, pp: int, schedule: str, 
     params = {}
     for p in parts:
         params.update(p)
-    return {"losses": losses, "norms": norms, "params": params, "bubble": bubbles,
+    # Routed experts this rank holds per MoE layer (num_experts / ep when expert parallel is applied).
+    local_experts = [b.mlp.experts.w1.shape[0] for b in pmodel.layers.values() if hasattr(b.mlp, "experts")]
+    return {"losses": losses, "norms": norms, "params": params, "bubble": bubbles, "local_experts": local_experts,
             "time_s": time.perf_counter() - t0}

@@ -51,11 +51,12 @@ def edp_levels(dims: ParallelDims) -> tuple[list, list[str]]:
     return [dims.group("edp")], ["dp"]
 
 
-def split_units(model: nn.Module) -> tuple[list[UnitSpec], list[UnitSpec]]:
-    """(dense units: default_units without the routed experts, expert units: one per GroupedExperts)."""
+def split_units(model: nn.Module, units: Optional[list[UnitSpec]] = None) -> tuple[list[UnitSpec], list[UnitSpec]]:
+    """(dense units: `units` (default_units) without the routed experts, expert units: one per
+    GroupedExperts). `units`: e.g. a pipeline rank's PipelineModel.zero_units()."""
     experts = set(expert_param_names(model))
     dense = []
-    for u in default_units(model):
+    for u in units if units is not None else default_units(model):
         params = [(n, p) for n, p in u.params if n not in experts]
         if params:
             dense.append(dataclasses.replace(u, params=params))
@@ -88,8 +89,8 @@ class MoEZeroEngine:
 
     def __init__(self, model: nn.Module, cfg: ZeroConfig, optim_cfg, dims: ParallelDims,
                  device: Optional[torch.device] = None, param_dtype: torch.dtype = torch.float32,
-                 reduce_dtype: torch.dtype = torch.float32):
-        dense_units, expert_units = split_units(model)
+                 reduce_dtype: torch.dtype = torch.float32, units: Optional[list[UnitSpec]] = None):
+        dense_units, expert_units = split_units(model, units)
         if not expert_units:
             raise ValueError("MoEZeroEngine: the model has no routed experts (model.moe.num_experts = 0)")
         named = list(model.named_parameters())
@@ -143,6 +144,11 @@ class MoEZeroEngine:
     def no_sync(self):
         with self.dense.no_sync(), self.experts.no_sync():
             yield
+
+    def reduce_gradients(self) -> None:
+        """ZeroEngine.reduce_gradients of both engines (pipeline schedules: every backward ran in no_sync)."""
+        self.dense.reduce_gradients()
+        self.experts.reduce_gradients()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global norm over dense (dp, tp) and expert (edp, ep, tp) gradients, torch's formula."""
