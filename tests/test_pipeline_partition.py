@@ -81,6 +81,35 @@ def test_config_validation_names_the_field():
     check("set parallel.pp_virtual_stages=1", pp=2, pp_schedule="1f1b", pp_virtual_stages=2)
     check("a stage would have no layer", pp=4, pp_schedule="interleaved_1f1b", pp_virtual_stages=2)
     check("parallel.pp_partition='greedy'", pp=2, pp_partition="greedy")
+    cfg = ShardwiseConfig()
+    cfg.model.num_layers, cfg.model.tie_embeddings, cfg.parallel.pp = 4, False, 2
+    cfg.fault_tolerance.snapshot_every = 1
+    with pytest.raises(ConfigError, match="parallel.pp=2 with fault_tolerance snapshots/checkpoints"):
+        validate_config(cfg, world_size=4)
+
+
+def test_schedule_micro_batch_rules_fail_at_config_time():
+    """torch's schedules' own rules (1F1B: micro-batches >= stages; interleaved: a multiple of the rounds
+    of pp) are config errors, raised before any process group exists."""
+    from shardwise.trainer.config import ShardwiseConfig
+    from shardwise.trainer.validate import ConfigError, validate_config
+
+    def cfg(global_batch, schedule, virtual=1):
+        c = ShardwiseConfig()
+        c.model.num_layers, c.model.tie_embeddings = 8, False
+        c.parallel.pp, c.parallel.pp_schedule, c.parallel.pp_virtual_stages = 4, schedule, virtual
+        c.data.global_batch_size, c.data.micro_batch_size = global_batch, 4
+        return c
+
+    with pytest.raises(ConfigError, match="parallel.pp_schedule=1f1b needs at least parallel.pp=4 micro-batches per "
+                                          "data-parallel rank, the batch gives 2"):
+        validate_config(cfg(8, "1f1b"), world_size=4)
+    validate_config(cfg(16, "1f1b"), world_size=4)
+    validate_config(cfg(8, "gpipe"), world_size=4)  # GPipe has no such rule
+    with pytest.raises(ConfigError, match=r"interleaved_1f1b needs the micro-batches per data-parallel rank \(9\) "
+                                          r"to be a multiple of 2"):
+        validate_config(cfg(36, "interleaved_1f1b", 2), world_size=4)
+    validate_config(cfg(40, "interleaved_1f1b", 2), world_size=4)
 
 
 def test_tied_embeddings_are_refused_clearly():

@@ -3,41 +3,22 @@ PP=2 x TP=2 (interleaved 1F1B, 2 virtual stages) and PP=2 x EP=2 (ZeRO-1, DeepSe
 balancing bias) on the MoE model match the single-process trainer over 5
 steps (losses, eval loss, clipping norms, MoE aux loss, full parameters; fp32, RTOL 1e-5 / ATOL 1e-6,
 parameters and aux ATOL 1e-5 as tests/test_tensor_parallel.py), and report the pipeline bubble fraction."""
-from pathlib import Path
 
 import pytest
 import torch
 
 from shardwise.testing import run_distributed
-from shardwise.trainer.compose import compose_config
+
+from trainer_runs import fit_runs, tiny_overrides
 
 RTOL, ATOL, LOOSE_ATOL = 1e-5, 1e-6, 1e-5
 
 
-def _overrides(recipe, cache_dir, *extra):
-    return [f"recipe={recipe}", f"data.cache_dir={cache_dir}", "trainer.max_steps=5", "trainer.log_every=1",
-            "trainer.eval_every=5", "trainer.eval_iters=3", "data.seq_len=64", "data.global_batch_size=8",
-            "data.micro_batch_size=2", "logging.progress_bar=false", "logging.console=false", *extra]
-
-
-def _train(rank, world, runs, run_dir):
-    from shardwise.trainer.distributed import init_distributed
-    from shardwise.trainer.trainer import Trainer
-    from shardwise.trainer.validate import validate_config
-
-    out = []
-    for i, overrides in enumerate(runs):
-        cfg, _ = compose_config(overrides)
-        validate_config(cfg, world)
-        env = init_distributed(cfg.parallel, cfg.trainer)
-        Path(run_dir, str(i)).mkdir(parents=True, exist_ok=True)
-        tr = Trainer(cfg, env, Path(run_dir, str(i)))
-        hist = tr.fit()
-        out.append({"loss": [h["loss"] for h in hist], "eval": [h["eval_loss"] for h in hist if "eval_loss" in h],
-                    "aux": [h.get("aux_loss") for h in hist], "norm": [h["grad_norm"] for h in hist],
-                    "bubble": [h.get("pp_bubble_mean") for h in hist], "params": tr.full_state_dict(),
-                    "tpe": [h.get("moe_tokens_per_expert") for h in hist]})
-    return out
+def _summary(tr, hist):
+    return {"loss": [h["loss"] for h in hist], "eval": [h["eval_loss"] for h in hist if "eval_loss" in h],
+            "aux": [h.get("aux_loss") for h in hist], "norm": [h["grad_norm"] for h in hist],
+            "bubble": [h.get("pp_bubble_mean") for h in hist], "params": tr.full_state_dict(),
+            "tpe": [h.get("moe_tokens_per_expert") for h in hist]}
 
 
 # name: (recipe, overrides of both runs, overrides of the 4-process pipelined run)
@@ -53,10 +34,10 @@ CASES = {"dense": ("tiny_dense", [], ["parallel.pp=2", "zero.stage=3", "parallel
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("swcache"))
-    refs = run_distributed(_train, 1, [_overrides(r, cache, *both) for r, both, _ in CASES.values()],
-                           str(tmp_path_factory.mktemp("ref")), timeout=240)[0]
-    pp = run_distributed(_train, 4, [_overrides(r, cache, *both, *extra) for r, both, extra in CASES.values()],
-                         str(tmp_path_factory.mktemp("pp")), timeout=300)
+    refs = run_distributed(fit_runs, 1, [tiny_overrides(r, cache, *both) for r, both, _ in CASES.values()],
+                           str(tmp_path_factory.mktemp("ref")), _summary, timeout=240)[0]
+    pp = run_distributed(fit_runs, 4, [tiny_overrides(r, cache, *both, *extra) for r, both, extra in CASES.values()],
+                         str(tmp_path_factory.mktemp("pp")), _summary, timeout=300)
     return dict(zip(CASES, refs)), {k: [pp[r][i] for r in range(4)] for i, k in enumerate(CASES)}
 
 

@@ -9,14 +9,14 @@ tests/test_trainer.py).
 
 Each spawned run batches several configs (a process start costs ~3 s, a 4-rank start ~10 s).
 """
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from shardwise.testing import run_distributed
-from shardwise.trainer.compose import compose_config
+
+from trainer_runs import fit_runs, tiny_overrides
 
 RTOL, ATOL, AUX_ATOL = 1e-5, 1e-6, 1e-5
 # Parameters after 5 Adam steps: Adam divides by sqrt(v), so an element whose gradient is ~0 turns
@@ -39,36 +39,25 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("swcache"))
 
 
-def _overrides(recipe, cache_dir, *extra):
-    return [f"recipe={recipe}", f"data.cache_dir={cache_dir}", "trainer.max_steps=5", "trainer.log_every=1",
-            "trainer.eval_every=5", "trainer.eval_iters=3", "data.seq_len=64", "data.global_batch_size=8",
-            "data.micro_batch_size=2", "logging.progress_bar=false", "logging.console=false", *extra]
+_overrides = tiny_overrides
+
+
+def _summary(tr, hist):
+    """(losses, aux losses, grad norms, full params gathered over tp, this rank's local replicated params,
+    mesh coordinates, dropped fractions)."""
+    replicated = {k: p.detach().clone() for k, p in tr.raw_model.named_parameters() if not hasattr(p, "tp_shard_dim")}
+    return ([h["loss"] for h in hist] + [h["eval_loss"] for h in hist if "eval_loss" in h],
+            [h.get("aux_loss") for h in hist], [h["grad_norm"] for h in hist], tr.full_state_dict(), replicated,
+            tr.dims.my_coords, [h.get("moe_dropped_fraction") for h in hist])
 
 
 def _train_many(rank, world, runs, run_dir, break_sp_grad_sync=False):
-    """Run the real Trainer for each override list; return per run (losses, aux losses, grad norms,
-    full params gathered over tp, this rank's local replicated params, mesh coordinates)."""
-    import shardwise.trainer.trainer as trainer_mod
-    from shardwise.trainer.distributed import init_distributed
-    from shardwise.trainer.validate import validate_config
-
-    if break_sp_grad_sync:  # the deliberately broken variant: skip the norm-gradient all-reduce over tp
+    """fit_runs with _summary; break_sp_grad_sync: the deliberately broken variant that skips the
+    norm-gradient all-reduce over tp."""
+    if break_sp_grad_sync:
         from shardwise.parallel.zero.engine import ZeroEngine
         ZeroEngine._sum_partial_over_tp = lambda self: None
-    out = []
-    for i, overrides in enumerate(runs):
-        cfg, _ = compose_config(overrides)
-        validate_config(cfg, world)
-        env = init_distributed(cfg.parallel, cfg.trainer)
-        Path(run_dir, str(i)).mkdir(parents=True, exist_ok=True)
-        tr = trainer_mod.Trainer(cfg, env, Path(run_dir, str(i)))
-        hist = tr.fit()
-        full = tr.full_state_dict()
-        replicated = {k: p.detach().clone() for k, p in tr.raw_model.named_parameters() if not hasattr(p, "tp_shard_dim")}
-        out.append(([h["loss"] for h in hist] + [h["eval_loss"] for h in hist if "eval_loss" in h],
-                    [h.get("aux_loss") for h in hist], [h["grad_norm"] for h in hist], full, replicated,
-                    tr.dims.my_coords, [h.get("moe_dropped_fraction") for h in hist]))
-    return out
+    return fit_runs(rank, world, runs, run_dir, _summary)
 
 
 def _assert_matches(run, ref, what):

@@ -12,6 +12,8 @@ import torch
 
 from shardwise.testing import run_distributed
 from shardwise.trainer.compose import compose_config
+
+from trainer_runs import tiny_overrides
 from shardwise.trainer.optim import lr_at
 from shardwise.trainer.config import OptimConfig
 
@@ -42,11 +44,7 @@ def _train(rank, world, overrides, run_dir):
     return losses, [h.get("aux_loss") for h in history], params
 
 
-def _overrides(recipe, cache_dir, *extra):
-    return [f"recipe={recipe}", f"data.cache_dir={cache_dir}", "trainer.max_steps=5", "trainer.log_every=1",
-            # 3 eval micro-batches: shared unevenly by 2 ranks, the eval loss must not change.
-            "trainer.eval_every=5", "trainer.eval_iters=3", "data.seq_len=64", "data.global_batch_size=8", "data.micro_batch_size=2",
-            "logging.progress_bar=false", "logging.console=false", *extra]
+_overrides = tiny_overrides  # 3 eval micro-batches: shared unevenly by 2 ranks, the eval loss must not change
 
 
 @pytest.mark.parametrize("recipe, extra", [

@@ -1,6 +1,5 @@
 """The trainer on the ZeRO engine: hierarchical ZeRO-3 (tiny_moe over 2 levels on 4 processes), ZeRO++
 and ZeRO x TP/SP runs match the single-process reference; comm bytes reach the metrics."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +7,8 @@ import torch
 from shardwise.testing import run_distributed
 from shardwise.trainer.compose import compose_config
 from shardwise.trainer.validate import ConfigError, validate_config
+
+from trainer_runs import fit_runs, tiny_overrides
 
 # fp32; the layouts differ only in gradient summation order (Adam amplifies roundoff in the parameters).
 RTOL, ATOL, PARAM_ATOL, AUX_ATOL = 1e-5, 1e-6, 1e-5, 1e-5
@@ -24,27 +25,13 @@ def cache_dir(tmp_path_factory):
 
 
 def _overrides(cache_dir, *extra):
-    return ["recipe=tiny_moe", f"data.cache_dir={cache_dir}", "trainer.max_steps=5", "trainer.log_every=1",
-            "trainer.eval_every=5", "trainer.eval_iters=3", "data.seq_len=64", "data.global_batch_size=8",
-            "data.micro_batch_size=2", "logging.progress_bar=false", "logging.console=false", *extra]
+    return tiny_overrides("tiny_moe", cache_dir, *extra)
 
 
-def _train_many(rank, world, runs, run_dir):
-    from shardwise.trainer.distributed import init_distributed
-    from shardwise.trainer.trainer import Trainer
-
-    out = []
-    for i, overrides in enumerate(runs):
-        cfg, _ = compose_config(overrides)
-        validate_config(cfg, world)
-        env = init_distributed(cfg.parallel, cfg.trainer)
-        Path(run_dir, str(i)).mkdir(parents=True, exist_ok=True)
-        tr = Trainer(cfg, env, Path(run_dir, str(i)))
-        hist = tr.fit()
-        out.append({"loss": [h["loss"] for h in hist] + [h["eval_loss"] for h in hist if "eval_loss" in h],
-                    "aux": [h["aux_loss"] for h in hist], "gnorm": [h["grad_norm"] for h in hist],
-                    "params": tr.full_state_dict(), "last": hist[-1], "memory": tr.engine.memory_bytes()})
-    return out
+def _summary(tr, hist):
+    return {"loss": [h["loss"] for h in hist] + [h["eval_loss"] for h in hist if "eval_loss" in h],
+            "aux": [h["aux_loss"] for h in hist], "gnorm": [h["grad_norm"] for h in hist],
+            "params": tr.full_state_dict(), "last": hist[-1], "memory": tr.engine.memory_bytes()}
 
 
 def _assert_matches(run, ref, what):
@@ -65,9 +52,9 @@ def test_zero_layouts_in_the_trainer_match_single_process(cache_dir, tmp_path):
         "zero2_tp2_sp": _overrides(cache_dir, "zero=stage2", "parallel.tp=2", "parallel.sequence_parallel=true"),
         "zeropp": _overrides(cache_dir, "zero=zeropp", *HIER),
     }
-    ref, = run_distributed(_train_many, 1, [_overrides(cache_dir)], str(tmp_path / "ref"), timeout=240)[0]
+    ref, = run_distributed(fit_runs, 1, [_overrides(cache_dir)], str(tmp_path / "ref"), _summary, timeout=240)[0]
     assert ref["gnorm"][0] > 1.0  # optim.grad_clip=1.0 clips: the cross-shard norm is under test
-    results = run_distributed(_train_many, 4, list(runs.values()), str(tmp_path / "z"), timeout=480)
+    results = run_distributed(fit_runs, 4, list(runs.values()), str(tmp_path / "z"), _summary, timeout=480)
     for rank, per_rank in enumerate(results):
         got = dict(zip(runs, per_rank))
         _assert_matches(got["zero3_hier"], ref, f"rank {rank} ZeRO-3 2 levels")

@@ -9,7 +9,7 @@ shardwise.parallel.pipeline.runner measures it every step; reported: mean and ma
 (median over the timed steps), next to the 1F1B/GPipe ideal (p-1)/(m+p-1) (interleaved with v virtual
 stages: (p-1)/(v*m + p-1)). Output via scripts/bench/harness.py: <out>/<name>.json (+ .png).
 
-    python scripts/bench/pipeline.py --pp 2 --schedule 1f1b --micro 1,2,4,8 --repeats 1 --out bench_out
+    python scripts/bench/pipeline.py --pp 2 --schedule 1f1b --micro 2,4,8,16 --repeats 1 --out bench_out
 
 Not part of the unit suite. On a CPU machine with fewer cores than ranks, ranks also wait for a core, which
 shows up as time inside compute actions (so it lowers the measured bubble) and as idle time elsewhere.
@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--schedule", default="1f1b")
     ap.add_argument("--virtual", type=int, default=1)
-    ap.add_argument("--micro", default="1,2,4,8", help="micro-batch counts to compare")
+    ap.add_argument("--micro", default="4,8,16", help="micro-batch counts to compare (1F1B: each >= --pp)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)

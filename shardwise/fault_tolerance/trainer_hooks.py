@@ -33,7 +33,6 @@ writes ``Trainer.full_state_dict()`` to ``<run_dir>/final_state.pt`` (:func:`may
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -211,7 +210,7 @@ class FaultTolerance:
 
     def _fallback(self, why: str, durable_ok: bool) -> str:
         ckpt, newest = self.cfg.checkpoint_dir, None
-        if durable_ok and ckpt and importlib.util.find_spec("shardwise.fault_tolerance.checkpoint") is not None:
+        if durable_ok and ckpt:
             from .checkpoint import latest_checkpoint
             newest = latest_checkpoint(ckpt)
         if newest is not None:

@@ -115,11 +115,12 @@ class Trainer:
         # --- end durable checkpoints ---
         counts = count_parameters(cfg.model)
         dm = self.dims
-        log.info("model %s: %.2fM parameters (%.2fM active), %.3g FLOPs/token; %d rank(s) as tp=%d%s x dp=%d "
-                 "(pair %d x node %d x inter %d, ZeRO stage %d), %d micro-batch(es) of %d per data-parallel rank per "
-                 "step", cfg.model.name, counts.total / 1e6, counts.active / 1e6, self.flops_per_token,
-                 env.world_size, dm.tp, " (sequence parallel)" if cfg.parallel.sequence_parallel else "",
-                 self.dp_size, dm.dp_pair, dm.dp_node, dm.dp_inter, cfg.zero.stage, micro_per_rank, d.micro_batch_size)
+        log.info("model %s: %.2fM parameters (%.2fM active), %.3g FLOPs/token; %d rank(s) as tp=%d%s x pp=%d x dp=%d "
+                 "(pair %d x node %d x inter %d, ZeRO stage %d; ep=%d), %d micro-batch(es) of %d per data-parallel "
+                 "rank per step", cfg.model.name, counts.total / 1e6, counts.active / 1e6, self.flops_per_token,
+                 env.world_size, dm.tp, " (sequence parallel)" if cfg.parallel.sequence_parallel else "", dm.pp,
+                 self.dp_size, dm.dp_pair, dm.dp_node, dm.dp_inter, cfg.zero.stage, dm.ep, micro_per_rank,
+                 d.micro_batch_size)
 
     def _eval_set(self, valid_ds) -> list[dict[str, torch.Tensor]]:
         """This rank's eval micro-batches, padded with fully masked ones so every rank runs the same number

@@ -149,6 +149,18 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
     if p.pp > 1 and m.num_layers < p.pp:
         problems.append(f"parallel.pp={p.pp} exceeds model.num_layers={m.num_layers}: a stage would have no layer")
     problems += _pipeline_problems(p, m, d)
+    if p.pp > 1 and dp and d.micro_batch_size > 0 and d.global_batch_size % (d.micro_batch_size * dp) == 0:
+        # torch.distributed.pipelining's own rules, checked here so they fail before any process group exists.
+        n = d.global_batch_size // (d.micro_batch_size * dp)
+        rounds = max(1, n // p.pp)
+        fix = ("raise data.global_batch_size or lower data.micro_batch_size (micro-batches per data-parallel rank = "
+               "data.global_batch_size / (data.micro_batch_size * dp))")
+        if p.pp_schedule == "1f1b" and n < p.pp:
+            problems.append(f"parallel.pp_schedule=1f1b needs at least parallel.pp={p.pp} micro-batches per "
+                            f"data-parallel rank, the batch gives {n}: {fix}")
+        elif p.pp_schedule in ("interleaved_1f1b", "interleaved_zero_bubble") and n % rounds:
+            problems.append(f"parallel.pp_schedule={p.pp_schedule} needs the micro-batches per data-parallel rank "
+                            f"({n}) to be a multiple of {rounds} (rounds of parallel.pp={p.pp}): {fix}")
     if p.ep > 1:
         if moe.num_experts == 0:
             problems.append(f"parallel.ep={p.ep} needs an MoE model (model.moe.num_experts > 0)")
@@ -159,12 +171,14 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
                             "every layer dense: there are no experts to split; set parallel.ep=1")
 
     ft = cfg.fault_tolerance
-    if p.ep > 1 and (ft.snapshot_every > 0 or ft.checkpoint_dir):
-        # Snapshots and DCP checkpoints read one ZeroEngine's sharded state; with expert parallel the state
-        # is two engines' (dense over dp, experts over edp) plus the routers' bias, not wired in yet.
-        problems.append(f"parallel.ep={p.ep} with fault_tolerance snapshots/checkpoints (snapshot_every="
-                        f"{ft.snapshot_every}, checkpoint_dir={ft.checkpoint_dir!r}) is not supported yet: set "
-                        "fault_tolerance=none or parallel.ep=1")
+    for name in ("ep", "pp"):
+        if getattr(p, name) > 1 and (ft.snapshot_every > 0 or ft.checkpoint_dir):
+            # Snapshots and DCP checkpoints read one ZeroEngine's sharded state of the whole model. With expert
+            # parallel the state is two engines' (dense over dp, experts over edp); with pipeline parallel each
+            # stage holds part of the model and the manifest/resharding do not record stages yet.
+            problems.append(f"parallel.{name}={getattr(p, name)} with fault_tolerance snapshots/checkpoints "
+                            f"(snapshot_every={ft.snapshot_every}, checkpoint_dir={ft.checkpoint_dir!r}) is not "
+                            f"supported yet: set fault_tolerance=none or parallel.{name}=1")
 
     from ..parallel.zero.config import validate as validate_zero
 
