@@ -108,17 +108,10 @@ class SlurmJob(Job):
 
     def __init__(self, tmp: Path):
         from shardwise.testing import free_port
+        from shardwise.testing.slurm import stand_in_slurm
         self.name, self.job = "slurm", "t" + uuid.uuid4().hex[:12]
         self.run_dir = tmp / "slurm_run"
-        bin_dir = tmp / "bin"
-        bin_dir.mkdir(exist_ok=True)
-        (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
-        (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
-                                      'SLURM_NODEID=0 SLURM_NNODES=1 exec "$@"\n')
-        for f in bin_dir.iterdir():
-            f.chmod(0o755)
-        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-               "SLURM_JOB_NODELIST": "node0", "SLURM_GPUS_ON_NODE": "2", "MASTER_PORT": str(free_port()),
+        env = {**stand_in_slurm(tmp / "bin"), "MASTER_PORT": str(free_port()),
                "SMP_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "MAX_RESTARTS": "1",
                "SHARDWISE_FT_JOB_ID": self.job, "RUN_DIR": str(self.run_dir), "SHARDWISE_SAVE_FINAL_STATE": "1"}
         for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SHARDWISE_FT_SMPS", "SHARDWISE_FT_SECRET"):

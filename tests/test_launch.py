@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from shardwise.testing import free_port
+from shardwise.testing.slurm import stand_in_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,17 +34,8 @@ def test_launch_sh_standalone(tmp_path):
 
 
 def test_slurm_template_with_stand_in_srun(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
-    # srun on one node: drop srun's own flags, run the task with the node's Slurm variables.
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
-                                  'SLURM_NODEID=0 SLURM_NNODES=1 exec "$@"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "node0", "SLURM_GPUS_ON_NODE": "2", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1"}
+    # srun on one node: drops srun's own flags, runs the task with the node's Slurm variables.
+    env = {**stand_in_slurm(tmp_path / "bin"), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     _run(["bash", str(ROOT / "scripts/slurm/train.sbatch"), *_overrides(tmp_path / "cache"),
           "model.name=with space"], tmp_path, env)
