@@ -12,10 +12,10 @@ import torch
 
 from shardwise.testing import run_distributed
 from shardwise.trainer.compose import compose_config
-
-from trainer_runs import tiny_overrides
-from shardwise.trainer.optim import lr_at
 from shardwise.trainer.config import OptimConfig
+from shardwise.trainer.optim import lr_at
+
+from trainer_runs import fit_runs, tiny_overrides
 
 # fp32 on CPU: the only differences between layouts are summation orders of the gradient reduction.
 RTOL, ATOL = 1e-5, 1e-6
@@ -27,21 +27,14 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("swcache"))
 
 
-def _train(rank, world, overrides, run_dir):
-    """Run the real trainer for the composed config on this rank; return losses and final params."""
-    from shardwise.trainer.distributed import init_distributed
-    from shardwise.trainer.trainer import Trainer
-    from shardwise.trainer.validate import validate_config
-
-    cfg, _ = compose_config(overrides)
-    validate_config(cfg, world)
-    env = init_distributed(cfg.parallel, cfg.trainer)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, env, Path(run_dir))
-    history = trainer.fit()
-    params = trainer.full_state_dict()
+def _losses_aux_params(trainer, history):
     losses = [h["loss"] for h in history] + [h["eval_loss"] for h in history if "eval_loss" in h]
-    return losses, [h.get("aux_loss") for h in history], params
+    return losses, [h.get("aux_loss") for h in history], trainer.full_state_dict()
+
+
+def _train(rank, world, overrides, run_dir):
+    """Run the real trainer for the composed config on this rank; return losses, aux losses, final params."""
+    return fit_runs(rank, world, [overrides], run_dir, _losses_aux_params)[0]
 
 
 _overrides = tiny_overrides  # 3 eval micro-batches: shared unevenly by 2 ranks, the eval loss must not change
