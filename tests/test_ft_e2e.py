@@ -34,6 +34,9 @@ import torch
 from shardwise.fault_tolerance.smp import clean_stale
 from shardwise.fault_tolerance.shm_store import job_dirs
 
+# Several real torchrun jobs with kills and restarts (~3-4 minutes on 2 cores): opt-in, `pytest -m slow`.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, KILL = 5, 2
 COMMON = ["trainer.max_steps=5", "trainer.log_every=1", "trainer.eval_every=0", "data.seq_len=32",

@@ -1,19 +1,14 @@
 """Pipeline parallel (x tensor parallel x hierarchical ZeRO x data parallel x expert parallel) matches a single-process
 reference: 5 steps of a tiny fp32 8-layer model (dense, and MoE with 4 experts top-2, aux + z loss),
-losses, clipping norms and the full gathered parameters within RTOL 1e-5 / ATOL 1e-6 (as the ZeRO tests).
+losses, clipping norms and the full gathered parameters within the bounds of shardwise/testing/tolerance.py.
 Clipping is active (max norm 0.3 < the ~0.7-0.95 norms), so a clipping norm not summed over the stages
 changes the update; the ablation runs check that the comparison catches that and a dropped MoE aux-loss
 gradient. One spawned run per world size loops over its configurations (spawning costs more than training)."""
 import pytest
-import torch
 
 from shardwise.testing import run_distributed
+from shardwise.testing.tolerance import assert_params_close, assert_series_close, param_tolerance
 
-RTOL, ATOL = 1e-5, 1e-6
-# Parameters after 5 Adam steps: Adam divides by sqrt(v), so an element whose gradient is ~0 turns a
-# roundoff-level gradient difference (TP, ZeRO and PP change summation orders) into an update difference
-# (seen: 1.9e-6 on 2 of 3072 embedding elements at PP=2 x TP=2); as tests/test_tensor_parallel.py.
-PARAM_ATOL = 1e-5
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_zero_bubble", 2), ("zbv_zero_bubble", 2)]
 
 
@@ -83,13 +78,20 @@ def _n_global(spec, world):
     return spec["micro"] * world // (spec["pp"] * spec.get("tp", 1))
 
 
+# 8 ranks on 2 cores take ~1 minute: that world is in the opt-in `slow` group (CI runs it).
+WORLDS = [4, pytest.param(8, marks=pytest.mark.slow)]
+
+
 @pytest.fixture(scope="module")
 def runs():
-    out = {}
-    for world, cfgs in ((4, _configs_4()), (8, _configs_8())):
-        res = run_distributed(_run, world, cfgs, timeout=240)[0]
-        out.update({k: (res[k], spec, world) for k, spec in cfgs})
-    return out
+    """runs[world][key] = (result, spec, world): one spawned run per world size, started on first use."""
+    class Lazy(dict):
+        def __missing__(self, world):
+            cfgs = _configs_4() if world == 4 else _configs_8()
+            res = run_distributed(_run, world, cfgs, timeout=240)[0]
+            self[world] = {k: (res[k], spec, world) for k, spec in cfgs}
+            return self[world]
+    return Lazy()
 
 
 @pytest.fixture(scope="module")
@@ -100,26 +102,24 @@ def references():
 
 
 def _compare(res, ref, key):
+    from shardwise.parallel.zero.testing import MAX_STEPS, optim_config
     ref_losses, ref_norms, ref_params = ref
-    torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL,
-                               msg=lambda m: f"{key} losses: {m}")
-    torch.testing.assert_close(torch.tensor(res["norms"]), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL,
-                               msg=lambda m: f"{key} grad norms: {m}")
-    assert set(res["params"]) == set(ref_params), key
-    for name, p in ref_params.items():
-        torch.testing.assert_close(res["params"][name], p, rtol=RTOL, atol=PARAM_ATOL, msg=lambda m: f"{key} {name}: {m}")
+    assert_series_close(res["losses"], ref_losses, f"{key} losses")
+    assert_series_close(res["norms"], ref_norms, f"{key} grad norms")
+    assert_params_close(res["params"], ref_params, param_tolerance(optim_config(), MAX_STEPS), key)
 
 
-def test_every_configuration_matches_single_process(runs, references):
+@pytest.mark.parametrize("world", WORLDS)
+def test_every_configuration_matches_single_process(world, runs, references):
     checked = []
-    for key, (res, spec, world) in runs.items():
+    for key, (res, spec, _) in runs[world].items():
         if key.startswith("ablate"):
             continue
         _compare(res, references[(spec["moe"], _n_global(spec, world))], key)
         if spec["moe"]:  # the experts really are split over ep (4 experts in pp_config)
             assert set(res["local_experts"]) == {4 // spec.get("ep", 1)}, (key, res["local_experts"])
         checked.append(key)
-    assert len(checked) == len(runs) - 2 >= 28, checked
+    assert len(checked) == len(runs[world]) - (2 if world == 4 else 0) >= (25 if world == 4 else 5), checked
     losses, norms, _ = references[(False, 4)]
     assert losses[-1] < losses[0] - 1e-3 or abs(losses[-1] - losses[0]) > 1e-3  # the model changes
     assert min(norms) > 0.3  # clipping (max norm 0.3) is active in every step
@@ -127,12 +127,12 @@ def test_every_configuration_matches_single_process(runs, references):
 
 @pytest.mark.parametrize("what", ["aux", "pp_norm"])
 def test_comparison_catches_a_dropped_piece(runs, references, what):
-    res, spec, world = runs[f"ablate-{what}"]
+    res, spec, world = runs[4][f"ablate-{what}"]
     with pytest.raises(AssertionError):
         _compare(res, references[(spec["moe"], _n_global(spec, world))], f"ablate-{what}")
 
 
 def test_bubble_fraction_is_measured(runs):
-    res, _, _ = runs["dense-pp4-1f1b"]
+    res, _, _ = runs[4]["dense-pp4-1f1b"]
     b = res["bubble"][-1]
     assert 0.0 < b["pp_bubble_mean"] <= b["pp_bubble_max"] < 1.0

@@ -5,20 +5,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
 from shardwise.testing import run_distributed
-from shardwise.trainer.compose import compose_config
 from shardwise.trainer.config import OptimConfig
 from shardwise.trainer.optim import lr_at
 
-from trainer_runs import fit_runs, tiny_overrides
+from shardwise.testing.tolerance import AUX_ATOL, assert_params_close, assert_series_close, expect_mismatch
+
+from trainer_runs import fit_runs, param_tol, tiny_overrides
 
 # fp32 on CPU: the only differences between layouts are summation orders of the gradient reduction.
-RTOL, ATOL = 1e-5, 1e-6
+# Bounds and their argument: shardwise/testing/tolerance.py.
 
 
 @pytest.fixture(scope="session")
@@ -37,63 +36,79 @@ def _train(rank, world, overrides, run_dir):
     return fit_runs(rank, world, [overrides], run_dir, _losses_aux_params)[0]
 
 
+def _summary(trainer, history):
+    """Losses (train, then eval), aux losses, dropped fractions, final parameters."""
+    return {"loss": [h["loss"] for h in history] + [h["eval_loss"] for h in history if "eval_loss" in h],
+            "aux": [h.get("aux_loss") for h in history], "dropped": [h.get("moe_dropped_fraction") for h in history],
+            "params": trainer.full_state_dict()}
+
+
 _overrides = tiny_overrides  # 3 eval micro-batches: shared unevenly by 2 ranks, the eval loss must not change
+# Capacity is applied per micro-batch, so 2 ranks drop exactly the tokens one rank drops. One step only:
+# after it the parameters agree to roundoff, but that is enough to flip a later near-tie at an expert's
+# capacity boundary, a discrete change no rounding bound covers (shardwise/testing/tolerance.py, Limits).
+CAPACITY = ["model.moe.capacity_factor=1.0", "trainer.max_steps=1", "trainer.eval_every=0"]
+# name: (recipe, overrides, ablation of the 2-rank run or None)
+CASES = {"dense": ("tiny_dense", [], None), "moe": ("tiny_moe", [], None), "capacity": ("tiny_moe", CAPACITY, None),
+         "dense-missing_reduction": ("tiny_dense", [], "missing_reduction")}
+GA = ["trainer.max_steps=3", "trainer.eval_every=3"]  # 4 ranks x 1 micro-batch vs 1 rank x 4 micro-batches
 
 
-@pytest.mark.parametrize("recipe, extra", [
-    ("tiny_dense", []),
-    ("tiny_moe", []),
-])
-def test_two_process_ddp_matches_single_process(recipe, extra, cache_dir, tmp_path):
-    ov = _overrides(recipe, cache_dir, *extra)
-    (ref_loss, ref_aux, ref_params), = run_distributed(_train, 1, ov, str(tmp_path / "ref"), timeout=180)
-    results = run_distributed(_train, 2, ov, str(tmp_path / "ddp"), timeout=180)
-    assert len(ref_loss) == 6 and ref_loss[4] < ref_loss[0]  # 5 train losses + 1 eval loss
-    for loss, aux, params in results:
-        torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), rtol=RTOL, atol=ATOL)
-        if recipe == "tiny_moe":
-            # The aux loss (~0.05) sums 4 layers x 4 micro-batches of router statistics that amplify
-            # the parameters' roundoff differences (seen: 2.4e-6 absolute at step 5).
-            torch.testing.assert_close(torch.tensor(aux), torch.tensor(ref_aux), rtol=RTOL, atol=1e-5)
-        for name, ref in ref_params.items():
-            torch.testing.assert_close(params[name], ref, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+@pytest.fixture(scope="module")
+def ddp(cache_dir, tmp_path_factory):
+    """One launch per world size for every data-parallel comparison below: the single-process references
+    (1 rank), the 2-rank runs of CASES (one of them under an ablation), the 4-rank accumulation run."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    ov = {k: _overrides(r, cache_dir, *extra) for k, (r, extra, _) in CASES.items()}
+    refs = run_distributed(fit_runs, 1, [ov["dense"], ov["moe"], ov["capacity"], _overrides("tiny_moe", cache_dir, *GA)],
+                           str(tmp / "ref"), _summary, timeout=240)[0]
+    two = run_distributed(fit_runs, 2, list(ov.values()), str(tmp / "two"), _summary,
+                          [a for _, _, a in CASES.values()], timeout=300)
+    four = run_distributed(fit_runs, 4, [_overrides("tiny_moe", cache_dir, *GA)], str(tmp / "four"), _summary,
+                           timeout=240)
+    return {"ref": dict(zip(["dense", "moe", "capacity", "ga"], refs)), "two": two, "four": four, "ov": ov,
+            "ga_ov": _overrides("tiny_moe", cache_dir, *GA)}
 
 
-def _train_dropped(rank, world, overrides, run_dir):
-    """Like _train, also returning the fraction of assignments dropped by the capacity rule."""
-    from shardwise.trainer.distributed import init_distributed
-    from shardwise.trainer.trainer import Trainer
-
-    cfg, _ = compose_config(overrides)
-    trainer = Trainer(cfg, init_distributed(cfg.parallel, cfg.trainer), Path(run_dir))
-    m = trainer.train_step()
-    return m["loss"], m["moe_dropped_fraction"], trainer.full_state_dict()
+def _assert_run_matches(run, ref, tol, what, moe):
+    assert_series_close(run["loss"], ref["loss"], f"{what} losses")
+    if moe:
+        # The aux loss (~0.05) sums 4 layers x 4 micro-batches of router statistics.
+        assert_series_close(run["aux"], ref["aux"], f"{what} aux losses", atol=AUX_ATOL)
+    assert_params_close(run["params"], ref["params"], tol, what)
 
 
-def test_capacity_dropping_matches_single_process(cache_dir, tmp_path):
-    """Capacity is applied per micro-batch, so 2 ranks drop exactly the tokens one rank drops.
-
-    One step only: after it the parameters agree to ~2e-8 (gradient summation order), but that is
-    enough to flip a later near-tie at an expert's capacity boundary, a discrete change that Adam's
-    normalisation then amplifies (seen: 6.5e-4 after step 2). Dropless runs have no such boundary
-    and are compared over 5 steps above."""
-    ov = _overrides("tiny_moe", cache_dir, "model.moe.capacity_factor=1.0")
-    ref_loss, ref_dropped, ref_params = run_distributed(_train_dropped, 1, ov, str(tmp_path / "r"), timeout=180)[0]
-    assert ref_dropped > 0.05  # the rule really drops tokens here
-    for loss, dropped, params in run_distributed(_train_dropped, 2, ov, str(tmp_path / "d"), timeout=180):
-        assert loss == pytest.approx(ref_loss, rel=RTOL) and dropped == pytest.approx(ref_dropped, rel=1e-6)
-        for name, ref in ref_params.items():
-            torch.testing.assert_close(params[name], ref, rtol=RTOL, atol=ATOL)
+@pytest.mark.parametrize("case", ["dense", "moe"])
+def test_two_process_ddp_matches_single_process(case, ddp):
+    ref = ddp["ref"][case]
+    assert len(ref["loss"]) == 6 and ref["loss"][4] < ref["loss"][0]  # 5 train losses + 1 eval loss
+    i = list(CASES).index(case)
+    for rank, runs in enumerate(ddp["two"]):
+        _assert_run_matches(runs[i], ref, param_tol(ddp["ov"][case]), f"rank {rank} {case}", case == "moe")
 
 
-def test_four_process_gradient_accumulation_matches(cache_dir, tmp_path):
-    # 4 ranks x 1 micro-batch vs 1 rank x 4 micro-batches of the same global batch.
-    ov = _overrides("tiny_moe", cache_dir, "trainer.max_steps=3", "trainer.eval_every=3")
-    (ref_loss, _, ref_params), = run_distributed(_train, 1, ov, str(tmp_path / "ref"), timeout=180)
-    for loss, _, params in run_distributed(_train, 4, ov, str(tmp_path / "ddp4"), timeout=240):
-        torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), rtol=RTOL, atol=ATOL)
-        for name, ref in ref_params.items():
-            torch.testing.assert_close(params[name], ref, rtol=RTOL, atol=ATOL)
+def test_two_process_check_fails_without_the_gradient_reduction(ddp):
+    i = list(CASES).index("dense-missing_reduction")
+    tol = param_tol(ddp["ov"]["dense"])
+    for runs in ddp["two"]:
+        print(expect_mismatch(lambda: _assert_run_matches(runs[i], ddp["ref"]["dense"], tol, "ablated", False),
+                              "missing_reduction"))
+
+
+def test_capacity_dropping_matches_single_process(ddp):
+    ref = ddp["ref"]["capacity"]
+    assert ref["dropped"][0] > 0.05  # the rule really drops tokens here
+    i = list(CASES).index("capacity")
+    for runs in ddp["two"]:
+        run = runs[i]
+        assert_series_close(run["loss"], ref["loss"], "capacity loss")
+        assert run["dropped"][0] == pytest.approx(ref["dropped"][0], rel=1e-6)
+        assert_params_close(run["params"], ref["params"], param_tol(ddp["ov"]["capacity"]), "capacity")
+
+
+def test_four_process_gradient_accumulation_matches(ddp):
+    for rank, (run,) in enumerate(ddp["four"]):
+        _assert_run_matches(run, ddp["ref"]["ga"], param_tol(ddp["ga_ov"]), f"rank {rank} 4 x 1 micro-batch", True)
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ...models import build_model
 from ...trainer.config import ModelConfig, MoEConfig, OptimConfig
 from ...trainer.optim import build_optimizer, build_scheduler
+from ...testing.tolerance import EQUIV_ADAM_EPS
 
 MAX_STEPS = 5
 
@@ -45,7 +46,9 @@ def tiny_config(moe: bool, tie: bool = False, hidden: int = 32) -> ModelConfig:
 
 
 def optim_config() -> OptimConfig:
-    return OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1, grad_clip=0.3)
+    """AdamW of the equivalence runs: eps = EQUIV_ADAM_EPS so that roundoff-level gradient differences
+    cannot become O(lr) parameter differences (shardwise/testing/tolerance.py)."""
+    return OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1, grad_clip=0.3, eps=EQUIV_ADAM_EPS)
 
 
 def global_batches(step: int, num_micro: int, vocab: int, micro: int = 2, seq: int = 16, seed: int = 0):
