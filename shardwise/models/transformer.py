@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..trainer.config import ModelConfig
+from .checkpointing import run_block
 from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, init_weights
 from .moe import MoELayer, MoEStats
 
@@ -30,6 +31,9 @@ class ModelOutput:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        # Global index (kept through pipeline partitioning) and the recompute flag that
+        # models.checkpointing.set_activation_checkpointing sets from trainer.activation_checkpointing.
+        self.layer_idx, self.recompute = layer_idx, False
         kv = cfg.num_kv_heads or cfg.num_heads
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, kv)
@@ -108,7 +112,7 @@ class Transformer(nn.Module):
         aux = torch.zeros((), device=tokens.device)
         stats: list[MoEStats] = []
         for block in self.layers:
-            h, layer_aux, layer_stats = block(h, rope)
+            h, layer_aux, layer_stats = run_block(block, h, rope)
             if layer_aux is not None:
                 aux = aux + layer_aux
                 stats.append(layer_stats)

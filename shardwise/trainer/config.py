@@ -196,6 +196,11 @@ class TrainerConfig:
     """Peak dense TFLOP/s of one device for MFU; null = a table of known GPUs, or a matmul probe on CPU."""
     deterministic: bool = True
     """Use deterministic kernels (needed for bit-identical restarts)."""
+    activation_checkpointing: str = "none"
+    """Recompute transformer blocks in backward instead of keeping their activations (torch.utils.checkpoint,
+    non-reentrant, one block = one checkpoint): `none`, `full` (every block) or `every:N` (blocks whose global
+    index is a multiple of N: 0, N, 2N, ...; every:1 = full). Same results as `none` (exact in fp32) at any
+    layout (TP/SP, PP, EP, ZeRO-3), about one extra forward of the marked blocks per step."""
 
 
 @dataclass

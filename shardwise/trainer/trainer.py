@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..models import build_model, count_parameters, flops_per_token
+from ..models.checkpointing import set_activation_checkpointing
 from ..models.moe import MoELayer, update_expert_bias
 from ..parallel import ParallelDims, build_data_parallel, full_state_dict, parallelize_model
 from .config import ShardwiseConfig
@@ -60,6 +61,8 @@ class Trainer:
 
         # Full model on CPU under the seed (same init at any layout), then this rank's part of it.
         self.model: nn.Module = parallelize_model(build_model(cfg.model, t.seed, "cpu"), self.dims, cfg.parallel)
+        # A flag per block, read by the one block call site of every layout (models.checkpointing.run_block).
+        recomputed = set_activation_checkpointing(self.model, t.activation_checkpointing)
         # Data parallel (all stages, including replicated stage 0) through the ZeRO engine; it owns the
         # fp32 master weights and the AdamW optimizer on this rank's shard.
         self.pipeline = None
@@ -121,6 +124,9 @@ class Trainer:
                  env.world_size, dm.tp, " (sequence parallel)" if cfg.parallel.sequence_parallel else "", dm.pp,
                  self.dp_size, dm.dp_pair, dm.dp_node, dm.dp_inter, cfg.zero.stage, dm.ep, micro_per_rank,
                  d.micro_batch_size)
+        if recomputed:
+            log.info("activation checkpointing %s: blocks %s of this rank are recomputed in backward",
+                     t.activation_checkpointing, recomputed)
 
     def _eval_set(self, valid_ds) -> list[dict[str, torch.Tensor]]:
         """This rank's eval micro-batches, padded with fully masked ones so every rank runs the same number

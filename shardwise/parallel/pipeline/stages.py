@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.checkpointing import run_block
 from ...models.moe import MoEStats
 from ...models.transformer import Transformer
 from ..zero.layout import UnitSpec
@@ -93,7 +94,8 @@ class StageChunk(nn.Module):
             raise RuntimeError("StageChunk: call PipelineModel.set_sequence(seq_len) first (PipelineRunner does)")
         rope = self.rope(torch.arange(seq, device=h.device))
         for i, block in self.layers.items():
-            h, aux, stats = block(h, rope)
+            # Stats and aux are recorded here, outside the (possibly recomputed) block call: once per forward.
+            h, aux, stats = run_block(block, h, rope)
             if aux is not None:
                 self.aux_sum = self.aux_sum + aux.detach()
                 self.stats.append((int(i), stats))

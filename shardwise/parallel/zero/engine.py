@@ -31,7 +31,8 @@ Contract for the caller (trainer):
   `torch.autocast(..., cache_enabled=False)`, else autocast caches bf16 copies of all weights);
   no loss scaling is needed for bf16 (fp16 is not supported);
 - activation checkpointing works (a recompute inside backward keeps its unit gathered until the unit's
-  gradients are done; tests/test_zero_overlap_tp.py);
+  gradients are done; tests/test_zero_overlap_tp.py, and trainer.activation_checkpointing in
+  tests/test_activation_checkpointing.py);
 - the module's own state_dict() is meaningless under stage 3 (freed storage): use full_state_dict().
 
 Communication per step with m micro-batches per rank (M = bytes of the padded model in the param dtype,
