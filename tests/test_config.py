@@ -57,6 +57,12 @@ def test_cluster_recipe_validates_for_its_world_but_not_others():
     (["parallel.dp_pair=3"], 4, "parallel.dp_pair*parallel.dp_node = 3*1 must divide the data-parallel size 4"),
     (["parallel.dp_inter=3"], 4, "parallel.dp_inter=3 but data-parallel size 4 / (dp_pair*dp_node) = 4"),
     (["parallel.ranks_per_node=3"], 4, "parallel.ranks_per_node=3 must divide the world size 4"),
+    (["trainer.precision=bf16", "zero.param_dtype=fp16"], 1,
+     "zero.param_dtype=fp16 is not supported: fp16 needs loss scaling, which shardwise does not do; use zero.param_dtype=bf16"),
+    (["zero.reduce_dtype=fp16"], 1, "zero.reduce_dtype=fp16 is not supported"),
+    (["zero.reduce_dtype=int8"], 1, "zero.reduce_dtype must be auto, fp32 or bf16, got 'int8'"),
+    (["zero.param_dtype=bf16"], 1, "zero.param_dtype=bf16 computes in bf16 but trainer.precision=fp32: set "
+                                   "trainer.precision=bf16 (or zero.param_dtype=auto to follow it)"),
 ])
 def test_bad_values_name_field_and_fix(overrides, world, message):
     with pytest.raises(ConfigError) as e:
@@ -116,3 +122,17 @@ def test_launcher_rejects_bad_config_before_starting_workers():
     assert p.returncode == 2
     assert "data.global_batch_size=16 is not divisible by data.micro_batch_size*dp = 4*3" in p.stderr
     assert "Starting elastic_operator" not in p.stderr + p.stdout
+
+
+def test_zero_dtypes_follow_trainer_precision():
+    import torch
+    from shardwise.parallel.zero.config import dtypes_of, resolve_precision
+    for precision, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = compose_and_validate("zero=stage3", f"trainer.precision={precision}")
+        assert (cfg.zero.param_dtype, cfg.zero.reduce_dtype) == ("auto", "auto")
+        assert dtypes_of(resolve_precision(cfg.zero, precision)) == (want, want)
+    # Explicit values win: bf16 compute with fp32 gradient reduction, or autocast over fp32 parameters.
+    cfg = compose_and_validate("trainer.precision=bf16", "zero.reduce_dtype=fp32")
+    assert dtypes_of(resolve_precision(cfg.zero, "bf16")) == (torch.bfloat16, torch.float32)
+    cfg = compose_and_validate("trainer.precision=bf16", "zero.param_dtype=fp32")
+    assert dtypes_of(resolve_precision(cfg.zero, "bf16")) == (torch.float32, torch.bfloat16)

@@ -1,7 +1,8 @@
 """Durable DCP checkpoints through the real Trainer (issue 7 item 5): save at 4 ranks (ZeRO-3 over 2 dp levels)
 -> load at 2 ranks (ZeRO-1) and in a plain single process (plain `dcp.load` into an un-parallelised model),
 bit-identical resume at the same layout, resume within fp32 tolerance at another layout, TP=2 x dp=2 save into a
-plain model, and clear errors for bad checkpoints."""
+plain model, bit-identical resume of ZeRO++ under bf16 (bf16 compute parameters; the qgZ error-feedback residuals
+travel in the checkpoint), and clear errors for bad checkpoints."""
 import math
 import pickle
 import shutil
@@ -46,7 +47,7 @@ def _trainer(overrides, world, run_dir):
     return Trainer(cfg, init_distributed(cfg.parallel, cfg.trainer), Path(run_dir))
 
 
-def _four_ranks(rank, world, a_ov, b_ov, d_ov, run_dir):
+def _four_ranks(rank, world, a_ov, b_ov, d_ov, q_ov, run_dir):
     out = {}
     # A: 5 steps by hand (to keep the step-3 parameters), checkpoint_every=3 through the checkpointer's hook.
     tr = _trainer(a_ov, world, f"{run_dir}/a")
@@ -69,6 +70,13 @@ def _four_ranks(rank, world, a_ov, b_ov, d_ov, run_dir):
     tr = _trainer(d_ov, world, f"{run_dir}/d")
     tr.fit()
     out["d_params"] = tr.full_state_dict()
+    # Q: ZeRO++ (qgZ) in bf16, 4 steps with a save at 3; Q2 resumes it and runs step 4 again.
+    tr = _trainer(q_ov, world, f"{run_dir}/q")
+    out["q_loss"] = {h["step"]: h["loss"] for h in tr.fit()}
+    out["q_params"], out["q_dtypes"] = tr.full_state_dict(), {p.dtype for p in tr.raw_model.parameters()}
+    tr = _trainer(q_ov, world, f"{run_dir}/q2")
+    out["q2_start"], out["q2_loss"] = tr.step, {h["step"]: h["loss"] for h in tr.fit()}
+    out["q2_params"] = tr.full_state_dict()
     return out
 
 
@@ -138,7 +146,9 @@ def test_save_4_ranks_load_2_ranks_plain_resume_and_tp(cache_dir, tmp_path):
     a_dir, d_dir, c_dir = tmp_path / "ck_a", tmp_path / "ck_d", tmp_path / "ck_c"
     a_ov = _ov(cache_dir, a_dir, *HIER, "fault_tolerance.checkpoint_every=3")
     d_ov = _ov(cache_dir, d_dir, "zero=stage2", "parallel.tp=2", "trainer.max_steps=1", "fault_tolerance.checkpoint_every=1")
-    four = run_distributed(_four_ranks, 4, a_ov, a_ov, d_ov, str(tmp_path / "runs4"), timeout=420)
+    q_ov = _ov(cache_dir, tmp_path / "ck_q", "zero=zeropp", *HIER[1:], "trainer.precision=bf16", "trainer.max_steps=4",
+               "fault_tolerance.checkpoint_every=3")
+    four = run_distributed(_four_ranks, 4, a_ov, a_ov, d_ov, q_ov, str(tmp_path / "runs4"), timeout=480)
     assert sorted(p.name for p in a_dir.iterdir()) == ["step_00000003"]  # every=3, max_steps=5: one save
     ck3 = step_dir(a_dir, 3)
 
@@ -175,6 +185,10 @@ def test_save_4_ranks_load_2_ranks_plain_resume_and_tp(cache_dir, tmp_path):
         assert b["b_start"] == 3 and sorted(b["b_loss"]) == [4, 5], b["b_loss"]
         assert [b["b_loss"][s] for s in (4, 5)] == [a["a_loss"][s] for s in (4, 5)], (a["a_loss"], b["b_loss"])
         _assert_equal(b["b_params"], a["a_params"], f"rank {rank} resume at the same layout")
+        q = four[rank]  # ZeRO++ in bf16: the resumed step 4 and parameters are bit-identical too
+        assert q["q_dtypes"] == {torch.bfloat16} and q["q2_start"] == 3 and list(q["q2_loss"]) == [4], q["q2_loss"]
+        assert q["q2_loss"][4] == q["q_loss"][4], (q["q_loss"], q["q2_loss"])
+        _assert_equal(q["q2_params"], q["q_params"], f"rank {rank} ZeRO++ bf16 resume")
         # TP=2 x dp=2 (ZeRO-2) save -> plain model, exactly.
     plain_d = load_into_model(_plain_model(d_ov), step_dir(d_dir, 1)).state_dict()
     _assert_equal({k: v for k, v in plain_d.items() if k in four[0]["d_params"]}, four[0]["d_params"], "TP=2 x dp=2 save")

@@ -1,4 +1,5 @@
-"""End to end on the ZeRO engine: 3 gloo ranks on 3 emulated nodes (one SMP each), ZeRO-3, k=2 + m=1 EC.
+"""End to end on the ZeRO engine: 3 gloo ranks on 3 emulated nodes (one SMP each), ZeRO-3 with qgZ int8
+gradients (so the snapshot must carry the error-feedback residuals: they decide the next step), k=2 + m=1 EC.
 
 Each rank trains 2 steps, snapshots its sharded state into its node's SMP (parity to another node), and
 trains on to step 5 (the uninterrupted run). Then node 1's SMP is SIGKILLed (node loss: rank 1's snapshot
@@ -23,7 +24,7 @@ def _engine(seed):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
     from shardwise.parallel.zero.testing import optim_config, tiny_config
-    return ZeroEngine(build_model(tiny_config(moe=False), seed), ZeroConfig(stage=3), optim_config(),
+    return ZeroEngine(build_model(tiny_config(moe=False), seed), ZeroConfig(stage=3, quantize_gradients="int8"), optim_config(),
                       levels=[dist.group.WORLD], dp_group=dist.group.WORLD, ranks_per_node=1, device="cpu")
 
 
@@ -39,6 +40,7 @@ def _rank(rank, world, ports, pids):
     engine_train(a, mcfg, rank, world, 2, steps=SNAP_STEP)
     snap_eng = SnapshotEngine(rank, clients[rank], group=group_of(rank, groups)[0], peers=clients, timeout=60)
     tensors, meta = tensors_from_zero_state(a.sharded_state_dict())
+    assert any(k.startswith("error_feedback/") for k in tensors), sorted(tensors)[:3]
     snap_eng.snapshot(SNAP_STEP, tensors, extras={"step": SNAP_STEP}, manifest=meta)
     snap_eng.close()  # waits for the commit and for the parity to reach the other node
     assert snap_eng.parity_error is None, snap_eng.parity_error

@@ -43,12 +43,16 @@ BYTE_CONFIGS = [
     ("s3-qg4", {"stage": 3, "quantize_gradients": "int4"}, True),
     ("s3-flat-qg8", {"stage": 3, "quantize_gradients": "int8"}, False),
 ]
+BF16 = {"param_dtype": "bf16", "reduce_dtype": "bf16"}
+# The same layouts with bf16 gathers/reductions (zero.param_dtype / zero.reduce_dtype), and each dtype alone.
+BF16_CONFIGS = [(f"{k}-bf16", {**kw, **BF16}, hier) for k, kw, hier in BYTE_CONFIGS if k in ("s0", "s1", "s3", "s3-qg8")] + [
+    ("s3-pbf16", {"stage": 3, "param_dtype": "bf16"}, True), ("s3-rbf16", {"stage": 3, "reduce_dtype": "bf16"}, True)]
 
 
 @pytest.fixture(scope="module")
 def byte_runs():
     # 8 ranks = 2 nodes of 4 (ranks_per_node 4) as pair 2 x node 2 x inter 2.
-    return run_distributed(_bytes_run, 8, [2, 2, 2], BYTE_CONFIGS, timeout=200)
+    return run_distributed(_bytes_run, 8, [2, 2, 2], BYTE_CONFIGS + BF16_CONFIGS, timeout=240)
 
 
 def test_byte_volumes_match_formulas(byte_runs):
@@ -94,6 +98,25 @@ def test_byte_volumes_match_formulas(byte_runs):
     print({k: {kk: int(vv) for kk, vv in v.items()} for k, v in c.items()}, "M =", M)
 
 
+def test_byte_volumes_follow_the_dtypes(byte_runs):
+    """A bf16 gather or reduction counts half the bytes of the fp32 one, per level; the qgZ level's packed
+    integers do not depend on the dtype. param_dtype and reduce_dtype act on their own collectives only."""
+    c = {k: v["comm"] for k, v in byte_runs[0].items()}
+    levels = ("level.pair", "level.node", "level.inter")
+    for k in ("s1", "s3"):
+        for lvl in levels:
+            assert c[f"{k}-bf16"][lvl] == pytest.approx(c[k][lvl] / 2), (k, lvl)
+    assert c["s0-bf16"]["group.dp"] == pytest.approx(c["s0"]["group.dp"] / 2)  # stage 0 clips without a collective
+    share = {lvl: c["s3"][lvl] / 3 for lvl in levels}  # one fp32 gather or reduce-scatter per level
+    for lvl in levels:  # ZeRO-3: 2 gathers (param dtype) + 1 reduce-scatter (reduce dtype) per level
+        assert c["s3-pbf16"][lvl] == pytest.approx(2 * share[lvl] / 2 + share[lvl]), lvl
+        assert c["s3-rbf16"][lvl] == pytest.approx(2 * share[lvl] + share[lvl] / 2), lvl
+    for lvl in ("level.pair", "level.node"):
+        assert c["s3-qg8-bf16"][lvl] == pytest.approx(c["s3-qg8"][lvl] / 2), lvl
+    qg_packed = c["s3-qg8"]["level.inter"] - 2 * share["level.inter"]
+    assert c["s3-qg8-bf16"]["level.inter"] == pytest.approx(share["level.inter"] + qg_packed)
+
+
 def _memory_run(rank, world, sizes, configs):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
@@ -117,6 +140,7 @@ def _memory_run(rank, world, sizes, configs):
 
 def test_memory_per_rank_matches_stage_formulas():
     configs = [(f"s{s}", {"stage": s}) for s in range(4)] + [("s3-hpz", {"stage": 3, "secondary_partition_level": "node"})]
+    configs += [("s1-bf16", {"stage": 1, "param_dtype": "bf16"}), ("s3-bf16", {"stage": 3, "param_dtype": "bf16"})]
     for rank, r in enumerate(run_distributed(_memory_run, 4, [2, 2], configs, timeout=150)):
         N, S = 4 * sum(r["s0"]["padded"]), 4 * sum(r["s3"]["shard"])  # bytes: full padded model, one shard
         psi = 4 * r["s1"]["pieces"]  # this rank's real (unpadded) elements of its shard, in bytes
@@ -131,6 +155,11 @@ def test_memory_per_rank_matches_stage_formulas():
         for key, (p, g, o) in expect.items():
             m = r[key]["after_step"]
             assert (m["params"], m["grads"], m["optimizer"]) == (p, g, o), (rank, key, m)
+        # bf16 compute parameters: half the parameter bytes; fp32 gradients, masters and AdamW states unchanged.
+        for key in ("s1", "s3"):
+            b, f = r[f"{key}-bf16"]["after_step"], r[key]["after_step"]
+            assert (b["params"], b["grads"], b["optimizer"]) == (f["params"] // 2, f["grads"], f["optimizer"]), (rank, key)
+        assert r["s3-bf16"]["after_forward"]["params"] == S // 2
         assert r["s3"]["after_forward"]["params"] == S
         # hpZ keeps each unit's secondary partition over the node level (size 2) between forward and backward.
         assert r["s3-hpz"]["after_forward"]["params"] == S + N // 2

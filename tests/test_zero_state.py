@@ -1,5 +1,7 @@
 """Sharded state dicts (layout, own-layout reload, resharding 4 ranks ZeRO-3 -> 2 ranks ZeRO-1) and full
-state dicts (export on rank 0, load from a full dict)."""
+state dicts (export on rank 0, load from a full dict). The own-layout reload is checked twice: ZeRO-3 + hpZ
+(MoE), and ZeRO-3 with qgZ over the slow level and bf16 compute parameters/reductions (dense), whose
+error-feedback residuals must travel in the state dict for the continuation to be bit-identical."""
 import torch
 import torch.distributed as dist
 
@@ -7,12 +9,32 @@ from shardwise.testing import run_distributed
 from shardwise.testing.tolerance import assert_params_close, param_tolerance
 
 
-def _engine(cfg_kw, seed, levels, world):
+QG_BF16 = {"stage": 3, "quantize_gradients": "int8", "param_dtype": "bf16", "reduce_dtype": "bf16"}
+
+
+def _engine(cfg_kw, seed, levels, world, moe=True):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
     from shardwise.parallel.zero.testing import optim_config, tiny_config
-    return ZeroEngine(build_model(tiny_config(moe=True), seed), ZeroConfig(**cfg_kw), optim_config(), levels=levels,
+    return ZeroEngine(build_model(tiny_config(moe=moe), seed), ZeroConfig(**cfg_kw), optim_config(), levels=levels,
                       dp_group=dist.group.WORLD, ranks_per_node=2, device="cpu")
+
+
+def _continues_identically(kw, moe, rank, world, levels):
+    """Train 2 steps, save this rank's sharded state, load it into a fresh engine (other init), train both to
+    step 5: (bit-identical?, the state dict, bit-identical when the state's qgZ residuals are left out?)."""
+    from shardwise.parallel.zero.testing import engine_train, tiny_config
+    mcfg = tiny_config(moe=moe)
+    a = _engine(kw, 0, levels, world, moe)
+    engine_train(a, mcfg, rank, world, 2, steps=2)
+    sd = a.sharded_state_dict()
+    b, c = _engine(kw, 123, levels, world, moe), _engine(kw, 123, levels, world, moe)
+    b.load_sharded_state_dict(sd)
+    c.load_sharded_state_dict({k: v for k, v in sd.items() if k != "error_feedback"})
+    la, lb, lc = (engine_train(e, mcfg, rank, world, 2, steps=5, start_step=2)[0] for e in (a, b, c))
+    fa, fb, fc = (e.full_state_dict(rank0_only=False) for e in (a, b, c))
+    return (la == lb and all(torch.equal(fa[k], fb[k]) for k in fa), sd,
+            la == lc and all(torch.equal(fa[k], fc[k]) for k in fa))
 
 
 def _four_ranks(rank, world):
@@ -30,7 +52,10 @@ def _four_ranks(rank, world):
     lb = engine_train(b, mcfg, rank, world, 2, steps=3, start_step=2)[0]
     fa, fb = a.full_state_dict(rank0_only=False), b.full_state_dict(rank0_only=False)
     same = la == lb and all(torch.equal(fa[k], fb[k]) for k in fa)
-    return sd, full, same
+    q_same, q_sd, q_same_without_residual = _continues_identically(QG_BF16, False, rank, world, levels)
+    q = {"same": q_same, "same_without_residual": q_same_without_residual, "ef": q_sd.get("error_feedback"),
+         "dtypes": {(k, v.dtype) for e in q_sd["params"].values() for k, v in e.items() if isinstance(v, torch.Tensor)}}
+    return sd, full, same, q
 
 
 def _two_ranks(rank, world, old_sds, full):
@@ -51,6 +76,15 @@ def test_sharded_and_full_state_dicts():
     res = run_distributed(_four_ranks, 4, timeout=120)
     sds, full = [r[0] for r in res], res[0][1]
     assert all(r[2] for r in res), "reloading a rank's own sharded state dict must continue bit-identically"
+    for rank, r in enumerate(res):  # qgZ + bf16: the residuals are state (and the test can tell)
+        q = r[3]
+        assert q["same"], f"rank {rank}: qgZ + bf16 reload did not continue bit-identically"
+        assert not q["same_without_residual"], "without its qgZ residuals the continuation must differ"
+        assert q["ef"]["level_sizes"] == [2, 2] and q["ef"]["shard_index"] == sds[rank]["shard_index"]
+        assert all(t.dtype == torch.float32 and t.abs().max() > 0 for t in q["ef"]["residuals"].values())
+        # bf16 compute shards, fp32 masters and AdamW moments
+        assert q["dtypes"] == {("param", torch.bfloat16), ("master", torch.float32), ("exp_avg", torch.float32),
+                               ("exp_avg_sq", torch.float32)}
     assert res[1][1] == {}  # full state dict on dp rank 0 only
     # Layout: every parameter's flat ranges over the 4 ranks partition [0, numel); shapes are global.
     for name, t in full.items():

@@ -211,6 +211,10 @@ class DurableCheckpointer:
                     "train.lr_scheduler": _blob(trainer.scheduler.state_dict()), "train.param_groups": _blob(groups),
                     "train.layout": _blob({**self.layout, "step": trainer.step}),
                     f"train.rng.rank{self.rank}": _blob(capture_rng_state())})
+        ef = zsd.get("error_feedback")
+        if ef:  # qgZ residuals: per rank and per layout, like the RNG state (training_state docstring)
+            out[f"train.zero_ef.rank{self.rank}"] = _blob(
+                {**ef, "residuals": {k: v.detach().cpu() for k, v in ef["residuals"].items()}})
         return out
 
     def save(self, trainer) -> Path:
@@ -280,6 +284,9 @@ class DurableCheckpointer:
         req: dict = {k: None for k in _TRAIN_KEYS}
         rng_key = f"train.rng.rank{self.rank}"
         req[rng_key if rng_key in sdm else "train.rng.rank0"] = None
+        ef_key = f"train.zero_ef.rank{self.rank}"
+        if ef_key in sdm:
+            req[ef_key] = None
         bufs: dict[tuple[str, str], torch.Tensor] = {}
         for name, e in zsd["params"].items():
             lo, hi = e["flat_range"]
@@ -299,6 +306,7 @@ class DurableCheckpointer:
             raise CheckpointError(f"checkpoint {path}: reading failed ({_why(e)}); its data files are "
                                   f"corrupt or incomplete: delete or move {path} to resume from the previous one") from e
         layout = pickle.loads(req["train.layout"])
+        same = {k: layout.get(k) for k in self.layout} == self.layout
         params = {}
         for name, e in zsd["params"].items():
             ent = {"global_shape": e["global_shape"], "flat_range": e["flat_range"], "master": bufs[(name, "master")]}
@@ -306,8 +314,10 @@ class DurableCheckpointer:
                 ent.update(exp_avg=bufs[(name, "exp_avg")], exp_avg_sq=bufs[(name, "exp_avg_sq")],
                            step=float(req[f"optim.{name}.step"]))
             params[name] = ent
-        self.engine.load_sharded_state_dict({"format": ZERO_FORMAT, "param_groups": pickle.loads(req["train.param_groups"]),
-                                             "params": params})
+        zero_state = {"format": ZERO_FORMAT, "param_groups": pickle.loads(req["train.param_groups"]), "params": params}
+        if same and req.get(ef_key) is not None:  # another layout: the engine starts its residuals at zero
+            zero_state["error_feedback"] = pickle.loads(req[ef_key])
+        self.engine.load_sharded_state_dict(zero_state)
         with torch.no_grad():
             for n, b in mbufs.items():
                 b.copy_(req[n])
@@ -316,7 +326,6 @@ class DurableCheckpointer:
         trainer.step = pickle.loads(req["train.step"])
         restore_rng_state(pickle.loads(req[rng_key if rng_key in sdm else "train.rng.rank0"]))
         if self.rank == 0:
-            same = {k: layout.get(k) for k in self.layout} == self.layout
             log.info("durable checkpoint: state from %s (step %d, saved at %s)%s", path, trainer.step,
                      {k: layout.get(k) for k in ("world_size", "tp", "dp", "dp_levels", "zero_stage")},
                      "" if same else "; resharded to this job's layout")

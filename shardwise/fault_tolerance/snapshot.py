@@ -309,8 +309,9 @@ def restore_rng_state(st: dict) -> None:
 def tensors_from_zero_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten a ZeroEngine ``sharded_state_dict()`` into (tensors, the rest as picklable metadata).
 
-    Tensor names are ``params/<param>/<field>`` (field: param, master, exp_avg, exp_avg_sq); the returned
-    metadata is the dict with those tensors removed, for ``manifest``. Inverse: :func:`zero_state_from`.
+    Tensor names are ``params/<param>/<field>`` (field: param, master, exp_avg, exp_avg_sq) and
+    ``error_feedback/<unit>`` (qgZ residuals); the returned metadata is the dict with those tensors
+    removed, for ``manifest``. Inverse: :func:`zero_state_from`.
     """
     tensors, meta = {}, {k: v for k, v in sd.items() if k != "params"}
     meta["params"] = {}
@@ -319,6 +320,11 @@ def tensors_from_zero_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
         for k, v in e.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"params/{pname}/{k}"] = v
+    if "error_feedback" in sd:
+        ef = sd["error_feedback"]
+        meta["error_feedback"] = {k: v for k, v in ef.items() if k != "residuals"}
+        meta["error_feedback"]["units"] = list(ef["residuals"])
+        tensors.update({f"error_feedback/{u}": t for u, t in ef["residuals"].items()})
     return tensors, meta
 
 
@@ -326,7 +332,12 @@ def zero_state_from(tensors: Mapping[str, torch.Tensor], meta: dict) -> dict:
     """Rebuild the ``sharded_state_dict()`` shape from :func:`tensors_from_zero_state`'s output."""
     sd = {k: v for k, v in meta.items() if k != "params"}
     sd["params"] = {p: dict(e) for p, e in meta["params"].items()}
+    if "error_feedback" in meta:
+        ef = dict(meta["error_feedback"])
+        units = ef.pop("units")
+        sd["error_feedback"] = {**ef, "residuals": {u: tensors[f"error_feedback/{u}"] for u in units}}
     for name, t in tensors.items():
-        pname, k = name[len("params/"):].rsplit("/", 1)
-        sd["params"][pname][k] = t
+        if name.startswith("params/"):
+            pname, k = name[len("params/"):].rsplit("/", 1)
+            sd["params"][pname][k] = t
     return sd

@@ -26,7 +26,9 @@ Keys (a plain single process loads the model part with ``dcp.load(model.state_di
 * ``<buffer name>``                     persistent module buffers (e.g. MoE ``router.expert_bias``);
 * ``optim.<param>.exp_avg|exp_avg_sq``  AdamW moments (global shape); ``optim.<param>.step`` (0-d fp32);
 * ``train.step``, ``train.consumed_samples``, ``train.lr_scheduler``, ``train.param_groups``, ``train.layout``
-  (world, tp/dp/levels, ZeRO stage, param dtype) and ``train.rng.rank<r>`` (python/numpy/torch/device RNG).
+  (world, tp/dp/levels, ZeRO stage, param dtype) and ``train.rng.rank<r>`` (python/numpy/torch/device RNG);
+* ``train.zero_ef.rank<r>``             with qgZ: rank r's error-feedback residuals (pickled; restored only at the
+  same layout, else zeros: they are per rank and not reshardable, see shardwise/parallel/zero/state.py).
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ def build_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConf
     Tensor parallel meets ZeRO in two places: the clipping norm counts tp-sharded parameters (those
     with `tp_shard_dim`) on every tp rank and replicated ones once, and sequence-parallel norm weights
     (`sequence_parallel`) hold partial gradients that the engine sums over tp after the dp reduction.
+    The engine's param/reduce dtypes come from `zero_cfg` (the trainer resolves `auto` from trainer.precision).
     """
     if dims.ep > 1:
         from .zero.experts import build_expert_data_parallel

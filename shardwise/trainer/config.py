@@ -189,7 +189,9 @@ class TrainerConfig:
     eval_iters: int = 4
     """Micro-batches per evaluation, over all data-parallel ranks (a fixed set: same loss at any dp size)."""
     precision: str = "fp32"
-    """`fp32` or `bf16` (autocast; parameters, gradients and optimizer states stay fp32)."""
+    """`fp32` or `bf16`. bf16: compute in bf16 under autocast; the ZeRO engine's compute parameters, gathers and
+    gradient reductions follow it (zero.param_dtype / zero.reduce_dtype `auto`); master weights, gradient
+    accumulators and optimizer states stay fp32."""
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu` or `cuda`."""
     peak_tflops: Optional[float] = None

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ..parallel.mesh import ParallelDims
 from ..parallel.parallelize import full_state_dict
 from ..parallel.pipeline import PipelineModel, PipelineRunner, build_pipeline_data_parallel
+from ..parallel.zero.config import resolve_precision
 from .config import ShardwiseConfig
 from .validate import ConfigError
 
@@ -26,9 +27,13 @@ class PipelineStep:
                               f"per data-parallel rank (data.global_batch_size / (data.micro_batch_size * dp)); set "
                               "parallel.microbatches to null or change data.micro_batch_size")
         self.model, self.dims, self.pp_group = model, dims, dims.group("pp")
-        self.engine = build_pipeline_data_parallel(model, dims, cfg.zero, cfg.optim, device)
+        zero = resolve_precision(cfg.zero, cfg.trainer.precision)  # a no-op on the Trainer's resolved config
+        self.engine = build_pipeline_data_parallel(model, dims, zero, cfg.optim, device)
+        # Stage boundaries carry the residual stream: in the parameter dtype (bf16 parameters make it bf16; fp32
+        # parameters under autocast keep it fp32, since the embedding and the residual adds stay fp32).
         self.runner = PipelineRunner(model, self.engine, self.pp_group, p.pp_schedule, micro, d.micro_batch_size,
-                                     d.seq_len, sequence_parallel_tp=dims.tp if p.sequence_parallel else 1)
+                                     d.seq_len, sequence_parallel_tp=dims.tp if p.sequence_parallel else 1,
+                                     act_dtype=self.engine.param_dtype)
         moe = cfg.model.moe
         self.num_moe_layers = max(0, cfg.model.num_layers - moe.first_dense_layers) if moe.num_experts > 0 else 0
         self.first_moe, self.num_experts = moe.first_dense_layers, moe.num_experts

@@ -18,6 +18,7 @@ sums the norm weights' partial gradients over tp.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -32,6 +33,7 @@ from ..models import build_model, count_parameters, flops_per_token
 from ..models.checkpointing import set_activation_checkpointing
 from ..models.moe import MoELayer, update_expert_bias
 from ..parallel import ParallelDims, build_data_parallel, full_state_dict, parallelize_model
+from ..parallel.zero.config import resolve_precision
 from .config import ShardwiseConfig
 from .data import GlobalBatchIterator, build_datasets, eval_batches
 from .distributed import DistEnv, all_reduce_sum
@@ -49,6 +51,8 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: ShardwiseConfig, env: DistEnv, run_dir: Path, run_name: str = "shardwise"):
+        # zero.param_dtype / reduce_dtype `auto` follow trainer.precision; every engine below is built from this.
+        cfg = dataclasses.replace(cfg, zero=resolve_precision(cfg.zero, cfg.trainer.precision))
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         t, d = cfg.trainer, cfg.data
         seed_everything(t.seed)
@@ -93,9 +97,13 @@ class Trainer:
             dp_rank=self.dp_rank, dp_size=self.dp_size, num_workers=d.num_workers)
         self.eval_data = self._eval_set(valid_ds) if t.eval_every else []
 
-        # Stage 3 frees gathered weights after each unit: autocast must not cache bf16 copies of them.
+        # Mixed precision (docs/zero.md "Mixed precision"). With zero.param_dtype=bf16 (the default under bf16)
+        # the weights are bf16 already, so autocast casts none of them; it stays on for the ops whose inputs
+        # are fp32 (the fp32 islands of the model: RMSNorm statistics, RoPE, router, their outputs meeting a
+        # matmul) and runs the loss ops (cross-entropy, softmax) in fp32. With zero.param_dtype=fp32 it casts
+        # the fp32 weights on every use; stage 3 frees gathered weights after each unit, so no bf16 cache then.
         self.autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16",
-                                       cache_enabled=cfg.zero.stage < 3)
+                                       cache_enabled=cfg.zero.stage < 3 and cfg.zero.param_dtype == "fp32")
         self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
         self.peak_flops = peak_tflops(env.device, t.peak_tflops) * 1e12
         self.metrics = MetricsLogger(cfg.logging, run_dir, env.is_main, t.max_steps, run_name=run_name)

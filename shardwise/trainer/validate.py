@@ -185,6 +185,9 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
 
     problems += validate_zero(cfg.zero, [layout["dp_pair"], layout["dp_node"], layout["dp_inter"]] if layout
                               else [1, 1, 1], ["pair", "node", "inter"])
+    if cfg.zero.param_dtype == "bf16" and t.precision == "fp32":
+        problems.append("zero.param_dtype=bf16 computes in bf16 but trainer.precision=fp32: set trainer.precision=bf16 "
+                        "(or zero.param_dtype=auto to follow it)")
     if layout and cfg.zero.secondary_partition_level != "none":
         inside = layout["dp_pair"] * (layout["dp_node"] if cfg.zero.secondary_partition_level == "node" else 1)
         if inside == 1:

@@ -157,10 +157,32 @@ class GatherChain:
         return self.x
 
 
+class AllReduceCast:
+    """Stage 0: sum-all-reduce the fp32 accumulator `acc` over `group` in `dtype` (bf16 halves the bytes),
+    asynchronously from `start()`; `finish()` leaves the sum in `acc`."""
+
+    def __init__(self, group: Group, acc: torch.Tensor, dtype: torch.dtype):
+        self.group, self.acc = group, acc
+        self.x = acc if dtype == acc.dtype else acc.to(dtype)
+        self.work = None
+
+    def start(self) -> "AllReduceCast":
+        self.work = self.group.all_reduce(self.x, async_op=True)
+        return self
+
+    def finish(self) -> torch.Tensor:
+        self.work.wait()
+        if self.x is not self.acc:
+            self.acc.copy_(self.x)
+        return self.acc
+
+
 class ReduceChain:
     """Sum-reduce-scatter `x` over the levels innermost first; level 0 starts asynchronously in `start()`.
     With `qbits` the outermost level (size > 1) is an all-to-all of block-quantized values summed locally
-    in fp32, with error feedback through `ef` (a residual buffer of that level's input size, updated)."""
+    in fp32, with error feedback through `ef` (the residual of that level's input size from the previous
+    step). The new residual is a NEW tensor in `self.ef` (the caller keeps it), not an update of the old
+    one in place: a snapshot may still be copying the old one while this backward runs."""
 
     def __init__(self, topo: Topology, x: torch.Tensor, qbits: int = 0, qblock: int = 256,
                  ef: Optional[torch.Tensor] = None):
@@ -179,7 +201,7 @@ class ReduceChain:
                 y = y + self.ef.view(g.size, chunk)
             packed = quant.quantize(y, self.qbits, self.qblock)
             if self.ef is not None:
-                self.ef.copy_((y - quant.dequantize(packed, chunk, self.qbits, self.qblock)).view(-1))
+                self.ef = (y - quant.dequantize(packed, chunk, self.qbits, self.qblock)).view(-1)
             recv = torch.empty_like(packed)
             work = g.all_to_all(recv.view(-1), packed.view(-1), async_op=async_op)
             dtype = self.x.dtype

@@ -1,7 +1,10 @@
 """Settings of the hierarchical ZeRO engine (`zero.*` in the run config) and their validation."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import torch
 
 LEVEL_NAMES = {1: ["dp"], 2: ["node", "inter"], 3: ["pair", "node", "inter"]}
 
@@ -38,6 +41,43 @@ class ZeroConfig:
     order); also bounds the gradient reductions in flight (prefetch_units + 1). 0 = no overlap."""
     quant_block_size: int = 256
     """Values per quantization block (one fp32 scale each)."""
+    param_dtype: str = "auto"
+    """Dtype of the compute copies of the parameters and of every parameter all-gather: `auto` (follow
+    trainer.precision: fp32 -> fp32, bf16 -> bf16), `fp32` or `bf16`. The fp32 master weights, the
+    gradient accumulators and the AdamW states stay fp32 whatever this is. bf16 halves the gathered bytes
+    and the memory of the compute copies, and weights are not re-cast on every use (as autocast over
+    fp32 parameters does); needs trainer.precision=bf16."""
+    reduce_dtype: str = "auto"
+    """Dtype in which gradients travel in their reduction over data parallel (stage 0 all-reduce, stages
+    1-3 reduce-scatter; a qgZ level sends its packed integers instead): `auto` (follow trainer.precision),
+    `fp32` or `bf16`. Reduced gradients are summed into fp32 shards either way."""
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_precision(cfg: ZeroConfig, precision: str) -> ZeroConfig:
+    """`cfg` with `auto` param/reduce dtypes replaced by trainer.precision (`fp32` or `bf16`)."""
+    follow = precision if precision in DTYPES else "fp32"
+    return dataclasses.replace(cfg, **{f: follow for f in ("param_dtype", "reduce_dtype") if getattr(cfg, f) == "auto"})
+
+
+def dtypes_of(cfg: ZeroConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(param dtype, reduce dtype) of a config; `auto` means fp32 here (no trainer: see resolve_precision)."""
+    return tuple(DTYPES.get(getattr(cfg, f), torch.float32) for f in ("param_dtype", "reduce_dtype"))
+
+
+def _dtype_problems(cfg: ZeroConfig) -> list[str]:
+    errs = []
+    for f in ("param_dtype", "reduce_dtype"):
+        v = getattr(cfg, f)
+        if v in ("fp16", "float16", "half"):
+            # fp16 gradients underflow without loss scaling, which neither the engine nor the trainer does.
+            errs.append(f"zero.{f}={v} is not supported: fp16 needs loss scaling, which shardwise does not do; "
+                        f"use zero.{f}=bf16 (same bytes, fp32 range)")
+        elif v not in ("auto", *DTYPES):
+            errs.append(f"zero.{f} must be auto, fp32 or bf16, got {v!r}")
+    return errs
 
 
 def validate(cfg: ZeroConfig, level_sizes: list[int], level_names: list[str] | None = None) -> list[str]:
@@ -70,4 +110,4 @@ def validate(cfg: ZeroConfig, level_sizes: list[int], level_names: list[str] | N
         errs.append(f"zero.prefetch_units must be >= 0, got {cfg.prefetch_units}")
     if cfg.quant_block_size < 2 or cfg.quant_block_size % 2:
         errs.append(f"zero.quant_block_size must be an even number >= 2, got {cfg.quant_block_size}")
-    return errs
+    return errs + _dtype_problems(cfg)

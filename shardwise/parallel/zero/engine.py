@@ -26,10 +26,10 @@ Contract for the caller (trainer):
   .grad are always None, gradients live in the engine), then `engine.optimizer.step()` (or
   `engine.step(lr)`), `scheduler.step()`, `engine.zero_grad()`;
 - all ranks must hold the same initial parameters (build the model under the same seed);
-- mixed precision: either `param_dtype=torch.bfloat16` (compute copies in bf16; fp32 masters and
-  accumulation) without autocast, or fp32 params under autocast (for stage 3 prefer
+- mixed precision: either bf16 compute parameters (`zero.param_dtype=bf16` or the argument; fp32 masters
+  and accumulation; autocast optional, it casts no bf16 weight), or fp32 params under autocast (for stage 3
   `torch.autocast(..., cache_enabled=False)`, else autocast caches bf16 copies of all weights);
-  no loss scaling is needed for bf16 (fp16 is not supported);
+  no loss scaling is needed for bf16 (fp16 is refused);
 - activation checkpointing works (a recompute inside backward keeps its unit gathered until the unit's
   gradients are done; tests/test_zero_overlap_tp.py, and trainer.activation_checkpointing in
   tests/test_activation_checkpointing.py);
@@ -53,8 +53,8 @@ import torch
 from torch import nn
 
 from . import quant
-from .comm import ByteCounter, GatherChain, Group, ReduceChain, Topology
-from .config import ZeroConfig, default_level_names, validate
+from .comm import AllReduceCast, ByteCounter, GatherChain, Group, ReduceChain, Topology
+from .config import ZeroConfig, default_level_names, dtypes_of, validate
 from .gather import FREE, FULL, ParamGatherMixin
 from .layout import FlatLayout, UnitSpec, default_units
 
@@ -92,26 +92,34 @@ class ZeroEngine(ParamGatherMixin):
     tp_partial). tp_replicated: names (or name -> bool) of parameters replicated over tp, counted once
     in the clipping norm (default: all); the rest have their squares summed over tp. tp_partial: names
     (or predicate) of parameters whose gradients are partial sums over tp (sequence-parallel norms); they
-    are summed over tp after the dp reduction. param_dtype: dtype of the compute parameters (fp32 or
-    bf16); reduce_dtype: dtype of the gradient reduce-scatter (stages 1-3); units: override the unit split
-    (layout.UnitSpec list, forward order).
+    are summed over tp after the dp reduction. param_dtype: dtype of the compute parameters and of the
+    parameter gathers (fp32 or bf16); reduce_dtype: dtype of the gradient reduction; both default to
+    cfg.param_dtype / cfg.reduce_dtype (`auto` = fp32: the trainer resolves `auto` from trainer.precision
+    first, config.resolve_precision); units: override the unit split (layout.UnitSpec list, forward order).
     """
+
+    # Internal switch, not a config: tests ablate qgZ error feedback to show that it matters
+    # (tests/test_zero_equivalence.py). Off = each step's quantization error is dropped.
+    error_feedback = True
 
     def __init__(self, model: nn.Module, cfg: ZeroConfig, optim_cfg, levels: Optional[list] = None,
                  dp_group=None, ranks_per_node: int = 1, device: Union[torch.device, str, None] = None,
                  tp_group=None, tp_replicated: Union[None, Iterable[str], Callable[[str], bool]] = None,
                  tp_partial: Union[None, Iterable[str], Callable[[str], bool]] = None,
-                 level_names: Optional[list[str]] = None, param_dtype: torch.dtype = torch.float32,
-                 reduce_dtype: torch.dtype = torch.float32, units: Optional[list[UnitSpec]] = None):
+                 level_names: Optional[list[str]] = None, param_dtype: Optional[torch.dtype] = None,
+                 reduce_dtype: Optional[torch.dtype] = None, units: Optional[list[UnitSpec]] = None):
         levels = list(levels) if levels else [dp_group]
         names = level_names or default_level_names(len(levels))
         self.counter = ByteCounter()
         self.topo = Topology(levels, dp_group if dp_group is not None else levels[0] if len(levels) == 1 else None,
                              ranks_per_node, names, self.counter)
         problems = validate(cfg, self.topo.sizes, names)
+        pd, rd = param_dtype or dtypes_of(cfg)[0], reduce_dtype or dtypes_of(cfg)[1]
+        if torch.float16 in (pd, rd):
+            problems.append("fp16 parameters/gradients need loss scaling, which the engine does not do: use bf16")
         if problems:
             raise ValueError("; ".join(problems))
-        self.cfg, self.stage, self.param_dtype, self.reduce_dtype = cfg, cfg.stage, param_dtype, reduce_dtype
+        self.cfg, self.stage, self.param_dtype, self.reduce_dtype = cfg, cfg.stage, pd, rd
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.module = model.to(self.device)
         self.tp = Group(tp_group, "group.tp", ranks_per_node, self.counter) if tp_group is not None else None
@@ -136,12 +144,13 @@ class ZeroEngine(ParamGatherMixin):
     # ---------------------------------------------------------------- setup
     def _init_unit(self, u: _Unit) -> None:
         lay = u.layout
-        u.flat = lay.flatten_params(self.param_dtype, self.device)
+        full = lay.flatten_params(torch.float32, self.device)
+        sl = slice(lay.shard_offset, lay.shard_offset + lay.shard_numel)
+        u.master = full[sl].clone()  # from the fp32 init, not from its bf16 rounding
+        u.flat = full if self.param_dtype == torch.float32 else full.to(self.param_dtype)
         lay.view_params(u.flat)
         for s in lay.slots:
             self._slot_of[s.param] = (u, s)
-        sl = slice(lay.shard_offset, lay.shard_offset + lay.shard_numel)
-        u.master = u.flat[sl].float().clone()
         if self.stage <= 1:
             u.grad_acc = torch.zeros(lay.padded, dtype=torch.float32, device=self.device)
         if self.stage >= 1:
@@ -149,7 +158,7 @@ class ZeroEngine(ParamGatherMixin):
         if self.stage == 3:
             u.shard = u.flat[sl].clone()
             self._free(u)
-        if self.qg_bits:
+        if self.qg_bits and self.error_feedback:
             big = [l for l, s in enumerate(self.topo.sizes) if s > 1]
             if big:
                 inner = self.topo.inner_product(big[-1] - 1) if big[-1] > 0 else 1
@@ -242,7 +251,7 @@ class ZeroEngine(ParamGatherMixin):
         if u.grad_acc is None:
             u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
         if self.stage == 0:
-            u.reduce = self.topo.dp.all_reduce(u.grad_acc, async_op=True)
+            u.reduce = AllReduceCast(self.topo.dp, u.grad_acc, self.reduce_dtype).start()
         else:
             x = u.grad_acc if self.reduce_dtype == torch.float32 else u.grad_acc.to(self.reduce_dtype)
             u.reduce = ReduceChain(self.topo, x, self.qg_bits, self.cfg.quant_block_size, u.ef).start()
@@ -253,9 +262,11 @@ class ZeroEngine(ParamGatherMixin):
     def _finish_reduce(self, u: _Unit) -> None:
         r, u.reduce = u.reduce, None
         if self.stage == 0:
-            r.wait()
+            r.finish()
             return
         u.grad_shard.add_(r.finish())
+        if u.ef is not None:
+            u.ef = r.ef  # the new residual (a new tensor: see ReduceChain)
         if self.stage == 1:
             u.grad_acc.zero_()
         else:

@@ -88,8 +88,8 @@ class MoEZeroEngine:
     """A dense ZeroEngine (dp) and an experts ZeroEngine (edp) over one model; see the module docstring."""
 
     def __init__(self, model: nn.Module, cfg: ZeroConfig, optim_cfg, dims: ParallelDims,
-                 device: Optional[torch.device] = None, param_dtype: torch.dtype = torch.float32,
-                 reduce_dtype: torch.dtype = torch.float32, units: Optional[list[UnitSpec]] = None):
+                 device: Optional[torch.device] = None, param_dtype: Optional[torch.dtype] = None,
+                 reduce_dtype: Optional[torch.dtype] = None, units: Optional[list[UnitSpec]] = None):
         dense_units, expert_units = split_units(model, units)
         if not expert_units:
             raise ValueError("MoEZeroEngine: the model has no routed experts (model.moe.num_experts = 0)")

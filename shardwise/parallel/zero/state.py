@@ -9,19 +9,33 @@ Sharded state dict (one per rank; what snapshots, checkpoints and resharding use
          "global_shape": tuple, "numel": int, "unit": str, "unit_offset": int (start in the unit's flat buffer),
          "flat_range": (lo, hi),          # the elements [lo, hi) of the flattened parameter this rank holds
          "param": 1-D compute-dtype tensor of hi-lo values, "master": 1-D fp32,
-         "exp_avg": 1-D fp32, "exp_avg_sq": 1-D fp32, "step": float (AdamW step count)}}}
+         "exp_avg": 1-D fp32, "exp_avg_sq": 1-D fp32, "step": float (AdamW step count)}},
+     "error_feedback": {"level_sizes": [...], "shard_index": i,     # only with zero.quantize_gradients
+                        "residuals": {unit name: 1-D fp32}}}
 
 A parameter this rank holds nothing of is absent from "params"; stage 0 holds every parameter whole.
 `load_sharded_state_dict` takes either this rank's own dict (same layout) or the list of every old
 rank's dicts (any old dp size or stage: each rank copies the ranges it now holds — resharding).
+
+What the next step depends on, audited against the engine: the fp32 masters, AdamW moments and step
+counts, the param groups (lr, betas, ...) and the qgZ error-feedback residuals are state; everything
+else is derived or transient (compute parameters = masters in param_dtype, re-derived on load; stage-3
+shards and qwZ codes come from the masters at every gather; gradient accumulators, reduced shards and
+hpZ secondaries are empty between steps). The residual is per rank and tied to the data-parallel
+layout (it is this rank's quantization error of its slow-level input, summed into the next step's
+gradient over that level): it is restored exactly when the saved layout (level sizes and shard index)
+is this engine's, and reset to zeros otherwise (resharding, or a state saved without qgZ) — dropping
+one step's quantization error, at most scale/2 per value (quant.py), instead of delaying it.
 """
 from __future__ import annotations
 
+import logging
 from typing import Union
 
 import torch
 
 FORMAT = "shardwise.zero/1"
+log = logging.getLogger("shardwise.zero")
 
 
 def _opt_state(engine, view) -> dict:
@@ -54,9 +68,35 @@ def sharded_state_dict(engine, clone: bool = True) -> dict:
                 step = int(e["step"])
             params[s.name] = e
     groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-    return {"format": FORMAT, "stage": engine.stage, "dp_size": engine.topo.dp_size,
-            "shard_index": engine.topo.shard_index, "step": step, "param_groups": groups, "units": units,
-            "params": params}
+    out = {"format": FORMAT, "stage": engine.stage, "dp_size": engine.topo.dp_size,
+           "shard_index": engine.topo.shard_index, "step": step, "param_groups": groups, "units": units,
+           "params": params}
+    res = {u.name: u.ef for u in engine.units if u.ef is not None}
+    if res:
+        # No clone needed even for clone=False: the engine replaces (never updates) a residual (comm.ReduceChain).
+        out["error_feedback"] = {"level_sizes": list(engine.topo.sizes), "shard_index": engine.topo.shard_index,
+                                 "residuals": res if not clone else {k: v.clone() for k, v in res.items()}}
+    return out
+
+
+def _load_residuals(engine, sds: list[dict]) -> None:
+    """The qgZ residuals of the saved dict with this engine's layout, else zeros (module docstring)."""
+    units = [u for u in engine.units if u.ef is not None]
+    if not units:
+        return
+    mine = [x["error_feedback"] for x in sds if x.get("error_feedback")
+            and list(x["error_feedback"]["level_sizes"]) == list(engine.topo.sizes)
+            and x["error_feedback"]["shard_index"] == engine.topo.shard_index]
+    saved = mine[0]["residuals"] if mine else {}
+    for u in units:
+        r = saved.get(u.name)
+        if r is not None and r.shape == u.ef.shape:
+            u.ef = r.to(device=u.ef.device, dtype=torch.float32, copy=True)
+        else:
+            u.ef = torch.zeros_like(u.ef)
+    if not mine or any(saved.get(u.name) is None for u in units):
+        log.warning("zero: the loaded state has no qgZ error-feedback residual for this layout (resharded, or "
+                    "saved without zero.quantize_gradients): residuals start at zero")
 
 
 def load_sharded_state_dict(engine, sd: Union[dict, list[dict]]) -> None:
@@ -94,6 +134,7 @@ def load_sharded_state_dict(engine, sd: Union[dict, list[dict]]) -> None:
                 covered += b - a
             if covered != hi - lo:
                 raise ValueError(f"{name}: the given state dicts cover {covered} of the {hi - lo} elements needed")
+    _load_residuals(engine, sds)
     _masters_to_params(engine)
 
 
