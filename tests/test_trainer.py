@@ -134,8 +134,10 @@ def test_end_to_end_tiny_moe_two_processes_loss_falls(cache_dir, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"run_dir: {run_dir}" in p.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for key in ("step", "loss", "tokens_per_s", "step_time_s", "mfu", "aux_loss", "moe_max_load"):
+    for key in ("step", "loss", "tokens_per_s", "step_time_s", "mfu", "aux_loss", "moe_max_load", "memory_gib",
+                "memory_gib_init"):
         assert key in records[-1], key
+    assert 0 < records[-1]["memory_gib_init"] <= records[-1]["memory_gib"]
     assert records[-1]["step"] == 40 and "eval_loss" in records[-1]
     assert records[0]["loss"] - records[-1]["loss"] > 1.0, [r["loss"] for r in records]
     assert (run_dir / "config.yaml").read_text().count("num_experts: 8") == 1

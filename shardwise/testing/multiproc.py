@@ -45,7 +45,9 @@ def _worker(fn, rank: int, world: int, port: int, args, kwargs, results, stack_d
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
     stack_file = open(Path(stack_dir) / f"rank{rank}.txt", "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-    torch.set_num_threads(threads)
+    # SHARDWISE_TEST_THREADS overrides the per-rank thread count, so the equivalence tests can be run with
+    # other intra-op splits (other GEMM blockings) than the default one (docs/testing.md).
+    torch.set_num_threads(int(os.environ.get("SHARDWISE_TEST_THREADS", threads)))
     ok, payload = False, b""
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout))

@@ -135,6 +135,9 @@ class Trainer:
         if recomputed:
             log.info("activation checkpointing %s: blocks %s of this rank are recomputed in backward",
                      t.activation_checkpointing, recomputed)
+        # Peak memory once the model, engine, data and any resumed state are built (before the first step):
+        # what construction alone costs, reported next to the running peak `memory_gib`.
+        self.memory_gib_init = memory_gib(env.device)
 
     def _eval_set(self, valid_ds) -> list[dict[str, torch.Tensor]]:
         """This rank's eval micro-batches, padded with fully masked ones so every rank runs the same number
@@ -214,6 +217,7 @@ class Trainer:
             "step_time_s": step_time,
             "mfu": self.flops_per_token * tps / (self.peak_flops * self.env.world_size),
             "memory_gib": memory_gib(self.env.device),
+            "memory_gib_init": self.memory_gib_init,
         }
         if expert_counts is not None:
             counts = packed[4:].view_as(expert_counts)
