@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ...comm import collectives as C
 from ...models import build_model
 from ...trainer.config import ModelConfig, MoEConfig, OptimConfig
 from ...trainer.optim import build_optimizer, build_scheduler
@@ -102,7 +103,7 @@ def engine_train(engine, mcfg: ModelConfig, dp_rank: int, dp_size: int, micro_pe
     for step in range(start_step, steps):
         mbs = global_batches(step, n_global, mcfg.vocab_size)[dp_rank * micro_per_rank:(dp_rank + 1) * micro_per_rank]
         stats = torch.stack([sum(b["loss_mask"].sum() for b in mbs), torch.zeros(())])
-        dist.all_reduce(stats)  # default group: not charged to the engine's counters
+        C.all_reduce(stats)  # default group: not charged to the engine's counters
         gt = stats[0]
         ce = torch.zeros(())
         for i, b in enumerate(mbs):
@@ -117,7 +118,7 @@ def engine_train(engine, mcfg: ModelConfig, dp_rank: int, dp_size: int, micro_pe
         engine.optimizer.step()
         sched.step()
         engine.zero_grad()
-        dist.all_reduce(ce)
+        C.all_reduce(ce)
         losses.append(float(ce / gt))
         comm.append(engine.comm_bytes())
     return losses, norms, comm
