@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from ..comm import collectives as C
 from ..parallel.zero.state import FORMAT as ZERO_FORMAT, sharded_state_dict
 from .snapshot import capture_rng_state, restore_rng_state
 from .training_state import global_shape, sharded
@@ -263,7 +264,7 @@ class DurableCheckpointer:
         is none (fresh start)."""
         found = [str(latest_checkpoint(self.directory) or "") if self.rank == 0 else None]
         if self.dist:
-            dist.broadcast_object_list(found, src=0, group=self.group)
+            C.broadcast_object_list(found, src=0, group=self.group)
         if not found[0]:
             if self.rank == 0:
                 log.info("durable checkpoint: none in %s; starting at step 0", self.directory)

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from ..comm import collectives as C
 from .inject import maybe_inject
 from .recovery import RecoveryError, discard_newer, ec_groups, fetch_rank_blob, find_restorable_step, group_of
 from .shm_store import RankSlots, SnapshotLostError, job_dir, read_owner
@@ -156,7 +156,7 @@ class FaultTolerance:
 
     def _bcast(self, code: int) -> int:
         t = torch.tensor([code], dtype=torch.int64, device=self.device)
-        dist.broadcast(t, 0)
+        C.broadcast(t, 0)
         return int(t.item())
 
     def restore(self, trainer, durable_ok: bool = False) -> str:
@@ -176,7 +176,7 @@ class FaultTolerance:
         except (RecoveryError, SMPError, SnapshotLostError) as e:
             snap, err = None, e
         ok = torch.tensor([0 if err else 1], dtype=torch.int64, device=self.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        C.all_reduce(ok, op=C.ReduceOp.MIN)
         if not int(ok.item()):
             why = f"snapshot of step {code} not restorable" + (f" on rank {self.rank}: {err}" if err else " on another rank")
             log.error("fault tolerance: %s", why)
@@ -188,10 +188,10 @@ class FaultTolerance:
                                f"runs {want}; in-memory snapshots restore only at the same layout (use a durable "
                                "checkpoint to change it)")
         self._load(trainer, snap)
-        dist.barrier()
+        C.barrier()
         if self.rank == 0:
             discard_newer(self.clients, code)  # the failed run's newer commits must never mix with the re-run's
-        dist.barrier()
+        C.barrier()
         if self.rank == 0:
             log.info("fault tolerance: state from %s; continuing at step %d", what, code)
         return "snapshot"
@@ -269,7 +269,7 @@ class FaultTolerance:
             # Every rank's snapshot of the kill step is committed and erasure-coded before anything dies, so
             # the recovery step is deterministic (a real crash may cost one more step: the older slot).
             self.engine.wait_all(parity=True)
-            dist.barrier()
+            C.barrier()
             if inj.kill_node is not None and inj.target == "trainer":
                 # A lost node takes its snapshot manager (and its memory) with it, then its trainers.
                 maybe_inject(type(inj)(kill_node=inj.kill_node, kill_step=inj.kill_step, target="smp"), step,

@@ -27,9 +27,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from ..comm import collectives as C
 from ..models.moe import GroupedExperts, LocalDispatcher, MoELayer
 from .tensor_parallel import _gather, _rank, _size, mark_sharded
 
@@ -41,14 +41,14 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        C.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         out_splits, in_splits = ctx.splits
         gx = g.new_empty((sum(in_splits), *g.shape[1:]))
-        dist.all_to_all_single(gx, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        C.all_to_all_single(gx, g.contiguous(), in_splits, out_splits, group=ctx.group)
         return gx, None, None, None
 
 
@@ -87,7 +87,7 @@ class AllToAllDispatcher:
         xs, counts, order = self.local.dispatch(x, token_idx, expert_idx, num_experts)
         send = counts.view(self.ep, self.num_local)  # [dest rank, its local expert]
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send.contiguous(), group=self.group)  # [source rank, my local expert]
+        C.all_to_all_single(recv, send.contiguous(), group=self.group)  # [source rank, my local expert]
         # One host sync for both split lists: all_to_all_single needs them as Python ints.
         splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()
         in_splits, out_splits = splits[0], splits[1]

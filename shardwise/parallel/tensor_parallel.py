@@ -22,10 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-SEQ_DIM = 1
+from ..comm import collectives as C
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+SEQ_DIM = 1
 
 
 def _size(group) -> int:
@@ -40,7 +39,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if _size(group) == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=group)
+    C.all_reduce(x, group=group)
     return x
 
 
@@ -59,7 +58,7 @@ def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
         return x
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((n * x.shape[0], *x.shape[1:]))
-    _all_gather_single(out, x, group=group)
+    C.all_gather_single(out, x, group=group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -71,7 +70,7 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
         raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the tensor-parallel size {n}")
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
-    _reduce_scatter_single(out, x, group=group)
+    C.reduce_scatter_single(out, x, group=group)
     return out.movedim(0, dim).contiguous()
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..comm import collectives as C
 from .tensor_parallel import (_rank, _size, enter_tp_region, gather_last_dim, mark_sharded, reduce_from_tp,
                               reduce_scatter_seq, shard)
 
@@ -55,7 +55,7 @@ class _VocabParallelCE(torch.autograd.Function):
         v_local = logits.shape[-1]
         m = logits.max(dim=-1).values
         if _size(group) > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            C.all_reduce(m, op=C.ReduceOp.MAX, group=group)
         shifted = logits - m.unsqueeze(-1)
         local = labels - start
         mine = (local >= 0) & (local < v_local)
@@ -65,7 +65,7 @@ class _VocabParallelCE(torch.autograd.Function):
         sum_exp = exp.sum(-1)
         both = torch.stack([target, sum_exp])
         if _size(group) > 1:
-            dist.all_reduce(both, group=group)
+            C.all_reduce(both, group=group)
         target, sum_exp = both[0], both[1]
         ignored = labels == ignore_index
         loss = (sum_exp.log() - target).masked_fill(ignored, 0.0)

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..comm import collectives as C
 from .config import ParallelConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def init_distributed(parallel: ParallelConfig, trainer: TrainerConfig) -> DistEn
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """In-place sum over `group` when a process group exists; identity otherwise."""
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        C.all_reduce(t, op=C.ReduceOp.SUM, group=group)
     return t
 
 

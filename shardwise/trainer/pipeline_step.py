@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..comm import collectives as C
 from ..parallel.mesh import ParallelDims
 from ..parallel.parallelize import full_state_dict
 from ..parallel.pipeline import PipelineModel, PipelineRunner, build_pipeline_data_parallel
@@ -52,7 +53,7 @@ class PipelineStep:
                 dropped += s.dropped_fraction.float() / self.num_moe_layers
         packed = torch.cat([ce, aux, dropped] + ([counts.flatten()] if counts is not None else []))
         if self.dims.pp > 1:
-            dist.all_reduce(packed, group=self.pp_group)
+            C.all_reduce(packed, group=self.pp_group)
         counts = packed[3:].view(self.num_moe_layers, self.num_experts) if counts is not None else None
         return packed[0], packed[1], counts, packed[2]
 
@@ -68,16 +69,16 @@ class PipelineStep:
         t = torch.stack([ce, torch.as_tensor(tokens, dtype=torch.float32, device=ce.device)])
         if self.model.num_stages - 1 not in self.model.stage_ids:
             t[1] = 0.0  # count the tokens once over pp: on the last stage
-        dist.all_reduce(t, group=self.pp_group)
+        C.all_reduce(t, group=self.pp_group)
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
-            dist.all_reduce(t, group=dp_group)
+            C.all_reduce(t, group=dp_group)
         return float(t[0] / t[1].clamp_min(1))
 
     def full_state_dict(self, local: dict, tp_group: Optional[object]) -> dict[str, torch.Tensor]:
         """Single-device state dict: this stage's (gathered over dp and tp), then merged over pp."""
         mine = full_state_dict(self.model, tp_group, local)
         parts: list = [None] * self.dims.pp
-        dist.all_gather_object(parts, mine, group=self.pp_group)
+        C.all_gather_object(parts, mine, group=self.pp_group)
         out = {}
         for p in parts:
             out.update(p)

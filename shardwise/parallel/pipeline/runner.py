@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as S
 
+from ...comm import collectives as C
 from .stages import PipelineModel
 
 SCHEDULES = {  # parallel.pp_schedule -> (schedule class, one stage per rank?)
@@ -70,8 +71,8 @@ class PipelineRunner:
         self.stages = [PipelineStage(c, c.index, c.num_stages, device, input_args=tok_meta if c.is_first else h_meta,
                                      output_args=h_meta, group=pp_group) for c in pmodel.chunks]
         self._head = next((c.head for c in pmodel.chunks if c.is_last), None)
-        self._gt = torch.ones(())
-        self._ce = torch.zeros(())
+        self._gt = torch.ones((), device=device)
+        self._ce = torch.zeros((), device=device)
         self.busy = 0.0
         for st in self.stages:
             self._time_actions(st)
@@ -114,7 +115,7 @@ class PipelineRunner:
                              f"{self.n_micro} (parallel.microbatches)")
         for mb in micro_batches:  # the stages use positions 0..S-1 (they are not sent down the pipeline)
             pos = mb.get("position_ids")
-            if pos is not None and not torch.equal(pos.cpu(), torch.arange(pos.shape[-1]).expand_as(pos.cpu())):
+            if pos is not None and not torch.equal(pos, torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)):
                 raise ValueError("pipeline: position_ids other than 0..S-1 (document-level position resets) are not "
                                  "supported with parallel.pp > 1")
         tokens = torch.cat([mb["tokens"] for mb in micro_batches])
@@ -155,10 +156,11 @@ class PipelineRunner:
     def bubble_fraction(self) -> dict[str, float]:
         """Mean and max over the pp ranks of the last step's bubble fraction (collective over pp)."""
         b = self.last_timing.get("pp_bubble_rank", 0.0)
-        t = torch.tensor([b, b], dtype=torch.float64)
-        dist.all_reduce(t[:1], group=self.group)
+        # On the engine's device: NCCL takes no CPU tensors (shardwise.comm.collectives checks it).
+        t = torch.tensor([b, b], dtype=torch.float64, device=self.engine.device)
+        C.all_reduce(t[:1], group=self.group)
         mx = t[1:].clone()
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.group)
+        C.all_reduce(mx, op=C.ReduceOp.MAX, group=self.group)
         n = dist.get_world_size(self.group)
         return {"pp_bubble_mean": float(t[0]) / n, "pp_bubble_max": float(mx[0])}
 
@@ -168,7 +170,7 @@ class PipelineRunner:
         min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_. Returns the norm (all ranks)."""
         local = self.engine.clip_grad_norm_(float("inf"))
         sq = (local.double() ** 2).reshape(1)
-        dist.all_reduce(sq, group=self.group)
+        C.all_reduce(sq, group=self.group)
         total = sq.sqrt().to(torch.float32)[0]
         if max_norm > 0 and max_norm != float("inf"):
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

@@ -6,8 +6,8 @@ import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from ...comm import collectives as C
 from ...models import build_model
 from ...trainer.config import ModelConfig, MoEConfig, ParallelConfig
 from ...trainer.optim import build_scheduler
@@ -60,13 +60,13 @@ def pipeline_train(rank: int, world: int, *, moe: bool, pp: int, schedule: str, 
         sched.step()
         engine.zero_grad()
         ce = out["ce_sum"] if (last_stage and c["tp"] == 0) else torch.zeros(())
-        dist.all_reduce(ce)
+        C.all_reduce(ce)
         losses.append(float(ce / gt))
         bubbles.append(runner.bubble_fraction())
     local = engine.full_state_dict(rank0_only=False)
     mine = full_state_dict(pmodel, dims.group("tp"), local)
     parts: list = [None] * world
-    dist.all_gather_object(parts, mine)
+    C.all_gather_object(parts, mine)
     params = {}
     for p in parts:
         params.update(p)

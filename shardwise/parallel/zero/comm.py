@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ...comm import collectives as C
 from . import quant
 
 
@@ -69,21 +70,21 @@ class Group:
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
         self._charge((self.size - 1) * inp.numel() * inp.element_size())
-        return dist.all_gather_single(out, inp, group=self.pg, async_op=async_op)
+        return C.all_gather_single(out, inp, group=self.pg, async_op=async_op)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
         self._charge((self.size - 1) * out.numel() * out.element_size())
-        return dist.reduce_scatter_single(out, inp, group=self.pg, async_op=async_op)
+        return C.reduce_scatter_single(out, inp, group=self.pg, async_op=async_op)
 
     def all_reduce(self, t: torch.Tensor, async_op: bool = False):
         if self.size == 1:  # nothing to sum (also the path of a single process without a process group)
             return _Done() if async_op else None
         self._charge(2 * (self.size - 1) / self.size * t.numel() * t.element_size())
-        return dist.all_reduce(t, group=self.pg, async_op=async_op)
+        return C.all_reduce(t, group=self.pg, async_op=async_op)
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
         self._charge((self.size - 1) / self.size * inp.numel() * inp.element_size())
-        return dist.all_to_all_single(out, inp, group=self.pg, async_op=async_op)
+        return C.all_to_all_single(out, inp, group=self.pg, async_op=async_op)
 
 
 class Topology:

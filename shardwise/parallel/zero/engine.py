@@ -16,7 +16,8 @@ this rank's compute-dtype slice), `master` (fp32 slice: 1/G of the unit for stag
 stage 0), `grad_acc` (fp32 full-size gradient accumulator; persistent for stages 0-1, only from the first
 gradient of a backward to the unit's reduction for stages 2-3) and `grad_shard` (fp32 reduced slice,
 stages 1-3). Gradients reach `grad_acc` through post-accumulate-grad hooks; when all of a unit's
-gradients are in (and we are not inside `no_sync()`), its reduce-scatter (innermost level first) starts.
+gradients are in (and we are not inside `no_sync()`), its reduce-scatter (innermost level first) starts,
+in backward unit order on every rank, whichever parameters this rank's batch reached (order.py).
 Gradients are SUMMED over data parallel (the trainer normalises the loss by global token count).
 
 Contract for the caller (trainer):
@@ -55,8 +56,9 @@ from torch import nn
 from . import quant
 from .comm import AllReduceCast, ByteCounter, GatherChain, Group, ReduceChain, Topology
 from .config import ZeroConfig, default_level_names, dtypes_of, validate
-from .gather import FREE, FULL, ParamGatherMixin
+from .gather import FULL, ParamGatherMixin
 from .layout import FlatLayout, UnitSpec, default_units
+from .order import ReduceOrderMixin
 
 
 class _Unit:
@@ -80,7 +82,7 @@ def _predicate(spec, default: bool) -> Callable[[str], bool]:
     return lambda name: name in names
 
 
-class ZeroEngine(ParamGatherMixin):
+class ZeroEngine(ParamGatherMixin, ReduceOrderMixin):
     """Data-parallel engine (ZeRO stages 0-3) around `model`; see the module docstring.
 
     cfg: ZeroConfig. optim_cfg: anything with lr, beta1/beta2 (or betas), eps, weight_decay, fused
@@ -138,6 +140,7 @@ class ZeroEngine(ParamGatherMixin):
         self._slot_of = {}
         for u in self.units:
             self._init_unit(u)
+        self._init_order()
         self._build_optimizer(optim_cfg)
         self._register_hooks()
 
@@ -223,30 +226,6 @@ class ZeroEngine(ParamGatherMixin):
         finally:
             self._sync = prev
 
-    def _queue_final(self) -> None:
-        if not self._cb_queued:
-            self._cb_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-
-    def _on_grad(self, p: nn.Parameter) -> None:
-        u, s = self._slot_of[p]
-        self._queue_final()
-        if u.grad_acc is None:
-            u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
-        u.grad_acc[s.offset: s.offset + s.numel].add_(p.grad.reshape(-1))
-        p.grad = None
-        u.ready += 1
-        if u.ready == u.n_grad:
-            self._unit_done(u)
-
-    def _unit_done(self, u: _Unit) -> None:
-        u.ready, u.done = 0, True
-        if self._sync:
-            self._launch_reduce(u)
-        if self.stage == 3 and u.state != FREE:
-            self._free(u)
-        u.secondary = None
-
     def _launch_reduce(self, u: _Unit) -> None:
         if u.grad_acc is None:
             u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
@@ -271,21 +250,6 @@ class ZeroEngine(ParamGatherMixin):
             u.grad_acc.zero_()
         else:
             u.grad_acc = None
-
-    def _end_of_backward(self) -> None:
-        self._cb_queued = False
-        for u in reversed(self.units):  # units no gradient reached, in a rank-independent order
-            if u.n_grad and not u.done:
-                self._unit_done(u)
-        while self._reducing:
-            self._finish_reduce(self._reducing.popleft())
-        if self._sync and self.tp is not None and self.tp.size > 1:
-            self._sum_partial_over_tp()
-        for u in self.units:
-            u.done = False
-            if self.stage == 3 and u.state != FREE:
-                self._free(u)
-            u.secondary = None
 
     def reduce_gradients(self) -> None:
         """Reduce every unit's accumulated gradients now, for callers whose backwards ALL ran inside

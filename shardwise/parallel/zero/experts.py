@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ...comm import collectives as C
 from ..expert_parallel import expert_param_names, gather_experts
 from ..mesh import DP_LEVELS, ParallelDims
 from .config import ZeroConfig
@@ -155,7 +156,7 @@ class MoEZeroEngine:
         dense = self.dense.clip_grad_norm_(float("inf"))
         sq = self.experts.clip_grad_norm_(float("inf")).pow(2).reshape(1)
         if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
-            dist.all_reduce(sq, group=self.ep_group)
+            C.all_reduce(sq, group=self.ep_group)
         total = (dense.pow(2) + sq[0]).sqrt()
         if max_norm > 0 and max_norm != float("inf"):
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

@@ -100,6 +100,7 @@ class ParamGatherMixin:
 
     def _bwd_pre(self, u: _Unit) -> None:
         self._queue_final()
+        self._close_after(u)  # before this unit's gathers: the reduction order must not depend on the batch
         self._ensure(u, backward=True)
         self._prefetch(u, -1, backward=True)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from ...comm import collectives as C
 from ...models import build_model
 from ...trainer.config import ModelConfig, MoEConfig, OptimConfig
 from ...trainer.optim import build_optimizer, build_scheduler
@@ -62,16 +63,19 @@ def global_batches(step: int, num_micro: int, vocab: int, micro: int = 2, seq: i
     return out
 
 
-def reference_train(mcfg: ModelConfig, num_micro: int, steps: int = MAX_STEPS, seed: int = 0):
+def reference_train(mcfg: ModelConfig, num_micro: int, steps: int = MAX_STEPS, seed: int = 0,
+                    model: Optional[torch.nn.Module] = None, batches: Optional[Callable] = None):
     """One process, full model, torch AdamW (decay split as the trainer), clipping, LambdaLR. Returns
-    (losses, grad norms, final state dict)."""
+    (losses, grad norms, final state dict). `model` (default build_model(mcfg, seed)) and `batches`
+    (step, num_micro, vocab -> micro-batches; default global_batches) for other models and data."""
     oc = optim_config()
-    model = build_model(mcfg, seed)
+    model = model if model is not None else build_model(mcfg, seed)
+    batches = batches or global_batches
     opt = build_optimizer(model, oc, torch.device("cpu"))
     sched = build_scheduler(opt, oc, MAX_STEPS)
     losses, norms = [], []
     for step in range(steps):
-        mbs = global_batches(step, num_micro, mcfg.vocab_size)
+        mbs = batches(step, num_micro, mcfg.vocab_size)
         gt = sum(b["loss_mask"].sum() for b in mbs)
         ce = 0.0
         for b in mbs:
@@ -87,10 +91,12 @@ def reference_train(mcfg: ModelConfig, num_micro: int, steps: int = MAX_STEPS, s
 
 
 def engine_train(engine, mcfg: ModelConfig, dp_rank: int, dp_size: int, micro_per_rank: int,
-                 steps: int = MAX_STEPS, probe: Optional[dict] = None, start_step: int = 0):
+                 steps: int = MAX_STEPS, probe: Optional[dict] = None, start_step: int = 0,
+                 batches: Optional[Callable] = None):
     """Train through `engine` on this rank's micro-batches of the same global batches as
-    `reference_train`. Returns (losses, norms, per-step comm bytes). `probe` (a dict) receives
-    memory_bytes() after the last forward of step 0 under key "after_forward"."""
+    `reference_train` (`batches` as there). Returns (losses, norms, per-step comm bytes). `probe` (a dict)
+    receives memory_bytes() after the last forward of step 0 under key "after_forward"."""
+    batches = batches or global_batches
     oc = optim_config()
     sched = build_scheduler(engine.optimizer, oc, MAX_STEPS)
     with warnings.catch_warnings():
@@ -100,9 +106,9 @@ def engine_train(engine, mcfg: ModelConfig, dp_rank: int, dp_size: int, micro_pe
     losses, norms, comm = [], [], []
     n_global = micro_per_rank * dp_size
     for step in range(start_step, steps):
-        mbs = global_batches(step, n_global, mcfg.vocab_size)[dp_rank * micro_per_rank:(dp_rank + 1) * micro_per_rank]
+        mbs = batches(step, n_global, mcfg.vocab_size)[dp_rank * micro_per_rank:(dp_rank + 1) * micro_per_rank]
         stats = torch.stack([sum(b["loss_mask"].sum() for b in mbs), torch.zeros(())])
-        dist.all_reduce(stats)  # default group: not charged to the engine's counters
+        C.all_reduce(stats)  # default group: not charged to the engine's counters
         gt = stats[0]
         ce = torch.zeros(())
         for i, b in enumerate(mbs):
@@ -117,7 +123,7 @@ def engine_train(engine, mcfg: ModelConfig, dp_rank: int, dp_size: int, micro_pe
         engine.optimizer.step()
         sched.step()
         engine.zero_grad()
-        dist.all_reduce(ce)
+        C.all_reduce(ce)
         losses.append(float(ce / gt))
         comm.append(engine.comm_bytes())
     return losses, norms, comm

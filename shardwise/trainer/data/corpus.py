@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ...comm import collectives as C
 from .errors import DataError
 
 CORPUS_NAME = "pydoc_topics_byte"
@@ -146,7 +147,7 @@ def ensure_bundled_corpus(cache_dir: str = "~/.cache/shardwise", tokenizer: str 
             _build(target)
         except Exception as err:  # still reach the barrier, or the other ranks would hang in it
             error = err
-    dist.barrier()
+    C.barrier()
     if error is not None:
         raise error
     if not _is_valid(target):

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy
 import torch
 
+from ...comm import collectives as C
 from .corpus import ensure_bundled_corpus
 from .errors import DataError
 from .megatron_compat import import_megatron, quiet_megatron_logs, rank_zero_without_process_group
@@ -177,7 +178,7 @@ def _cache_path(cache_dir: str, infos: Sequence[IndexInfo]) -> str:
     if torch.distributed.is_initialized():
         # Rank 0 writes the cache and the others read it, so they must agree on the folder even
         # when each node has its own copy of the data (with its own mtimes).
-        torch.distributed.broadcast_object_list(path, src=0)
+        C.broadcast_object_list(path, src=0)
     return path[0]
 
 
