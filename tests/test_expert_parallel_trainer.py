@@ -10,9 +10,9 @@ import pytest
 
 from shardwise.testing import run_distributed
 
-from shardwise.testing.tolerance import EQUIV_ADAM_EPS, assert_params_close, assert_series_close
+from shardwise.testing.tolerance import EQUIV_ADAM_EPS, assert_params_close, assert_series_close, expect_mismatch
 
-from test_trainer import _train
+from test_trainer import _train, _train_with_ablation
 from trainer_runs import param_tol
 
 EXTRA = ["model.moe.router_score=sigmoid", "model.moe.bias_update_rate=0.01", "zero.stage=3"]
@@ -35,7 +35,14 @@ def test_trainer_ep2_on_4_processes_matches_single_process(corpus_cache, tmp_pat
     (ref_loss, _, ref_params), = run_distributed(_train, 1, _overrides("tiny_moe", cache_dir), str(tmp_path / "r"),
                                                  timeout=180)
     assert ref_params["layers.0.mlp.router.expert_bias"].abs().sum() > 0, "the trainer never updated the bias"
-    for loss, _, params in run_distributed(_train, 4, _overrides("tiny_moe_ep", cache_dir), str(tmp_path / "ep"),
-                                           timeout=240):
-        assert_series_close(loss, ref_loss, "losses")
-        assert_params_close(params, ref_params, param_tol(_overrides("tiny_moe", cache_dir)), "ep2")
+    tol = param_tol(_overrides("tiny_moe", cache_dir))
+
+    def check(run, what):
+        loss, _, params = run
+        assert_series_close(loss, ref_loss, f"{what} losses")
+        assert_params_close(params, ref_params, tol, what)
+    # The same job again with the dense and expert dp gradient reductions skipped: that comparison must fail.
+    for run, ablated in run_distributed(_train_with_ablation, 4, _overrides("tiny_moe_ep", cache_dir),
+                                        str(tmp_path / "ep"), "missing_reduction", timeout=300):
+        check(run, "ep2")
+        print(expect_mismatch(lambda: check(ablated, "ablated ep2"), "missing_reduction"))

@@ -36,6 +36,11 @@ def _train(rank, world, overrides, run_dir):
     return fit_runs(rank, world, [overrides], run_dir, _losses_aux_params)[0]
 
 
+def _train_with_ablation(rank, world, overrides, run_dir, ablation):
+    """The run, then the same run with the data-parallel gradient reduction broken (`ablation`)."""
+    return fit_runs(rank, world, [overrides, overrides], run_dir, _losses_aux_params, ablations=[None, ablation])
+
+
 def _summary(trainer, history):
     """Losses (train, then eval), aux losses, dropped fractions, final parameters."""
     return {"loss": [h["loss"] for h in history] + [h["eval_loss"] for h in history if "eval_loss" in h],

@@ -7,7 +7,7 @@ from shardwise.testing import run_distributed
 from shardwise.trainer.compose import compose_config
 from shardwise.trainer.validate import ConfigError, validate_config
 
-from shardwise.testing.tolerance import AUX_ATOL, assert_params_close, assert_series_close
+from shardwise.testing.tolerance import AUX_ATOL, assert_params_close, assert_series_close, expect_mismatch
 
 from trainer_runs import fit_runs, param_tol, tiny_overrides
 
@@ -46,15 +46,20 @@ def test_zero_layouts_in_the_trainer_match_single_process(cache_dir, tmp_path):
         "zero3_hier": _overrides(cache_dir, "zero=stage3", *HIER),
         "zero2_tp2_sp": _overrides(cache_dir, "zero=stage2", "parallel.tp=2", "parallel.sequence_parallel=true"),
         "zeropp": _overrides(cache_dir, "zero=zeropp", *HIER),
+        # the same ZeRO-3 job with the dp gradient reduction skipped: its comparison must fail
+        "zero3_hier_ablated": _overrides(cache_dir, "zero=stage3", *HIER),
     }
+    ablations = [None, None, None, "missing_reduction"]
     ref, = run_distributed(fit_runs, 1, [_overrides(cache_dir)], str(tmp_path / "ref"), _summary, timeout=240)[0]
     assert ref["gnorm"][0] > 1.0  # optim.grad_clip=1.0 clips: the cross-shard norm is under test
-    results = run_distributed(fit_runs, 4, list(runs.values()), str(tmp_path / "z"), _summary, timeout=480)
+    results = run_distributed(fit_runs, 4, list(runs.values()), str(tmp_path / "z"), _summary, ablations, timeout=480)
     tol = param_tol(_overrides(cache_dir))
     for rank, per_rank in enumerate(results):
         got = dict(zip(runs, per_rank))
         _assert_matches(got["zero3_hier"], ref, f"rank {rank} ZeRO-3 2 levels", tol)
         _assert_matches(got["zero2_tp2_sp"], ref, f"rank {rank} ZeRO-2 x TP2 + SP", tol)
+        print(expect_mismatch(lambda: _assert_matches(got["zero3_hier_ablated"], ref, "ablated", tol),
+                              "missing_reduction"))
         q = got["zeropp"]
         assert max(abs(a - b) for a, b in zip(q["loss"], ref["loss"])) < QUANT_LOSS_BOUND
         assert q["loss"] != ref["loss"]  # quantization is really on

@@ -37,7 +37,8 @@ For the ZeRO tests' schedule (lr 1e-2, 5 steps) that is atol 4.7e-6, rtol 6e-7; 
 across kernel paths at eps 1e-3 are <= 1.2e-7. A missing reduction or a wrong gradient scale moves
 parameters by ~lr * 0.1 or more per step (eps 1e-3 is below the gradients' RMS, so Adam still normalises,
 but a gradient scaled by 1/2 is no longer hidden by Adam's scale invariance), far outside the bound;
-each equivalence file keeps an ablation run that must fail its checks (`expect_mismatch`).
+the equivalence files of every layout family keep ablated runs that must fail their checks
+(`expect_mismatch`).
 
 Losses and norms. LOSS_RTOL = 1e-5 relative (atol 1e-6): the loss is a mean over <= 2048 tokens of
 per-token cross entropies and the norm a root of a sum of squares; in a different summation order both
