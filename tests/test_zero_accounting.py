@@ -1,4 +1,4 @@
-"""Byte accounting and memory of the ZeRO engine against the formulas (DESIGN.md §4).
+"""Byte accounting and memory of the ZeRO engine against the formulas (shardwise/parallel/zero/engine.py docstring).
 
 Convention (shardwise/parallel/zero/comm.py): bytes a rank SENDS, ring algorithms: all-gather into /
 reduce-scatter of a buffer of N bytes over g ranks costs (g-1)/g * N per rank, all-reduce 2 (g-1)/g * N,

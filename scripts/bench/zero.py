@@ -24,7 +24,7 @@ ZeRO-3 formula. Output via scripts/bench/harness.py: <out>/zero3.json (+ .png).
         --variants zero3_hier,zero3_hier_qw8,zero3_hier_qg8,zero3_hier_qg4,zero3_hier_hpz_q
 
 Not part of the unit suite. On one machine every link is loopback: step times compare the engines'
-overheads and overlap, not slow inter-node links (see DESIGN.md §8 for the emulated cluster).
+overheads and overlap, not slow inter-node links (see docs/emulated_cluster.md and scripts/bench/zero_emulated.py for slow links).
 """
 from __future__ import annotations
 

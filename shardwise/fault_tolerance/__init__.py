@@ -1,4 +1,4 @@
-"""Fault tolerance (DESIGN.md §7): erasure-coded in-memory snapshots held by per-node snapshot managers.
+"""Fault tolerance (docs/fault_tolerance.md): erasure-coded in-memory snapshots held by per-node snapshot managers.
 
 Modules (imported explicitly; this package imports nothing so the snapshot manager starts without torch):
 

@@ -1,4 +1,4 @@
-"""Durable, asynchronous training checkpoints in `torch.distributed.checkpoint` (DCP) format (DESIGN.md §7).
+"""Durable, asynchronous training checkpoints in `torch.distributed.checkpoint` (DCP) format (docs/fault_tolerance.md).
 
 The trainer (every rank; collective where noted)::
 

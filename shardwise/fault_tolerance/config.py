@@ -28,7 +28,7 @@ class FaultInjectConfig:
 
 @dataclass
 class FaultToleranceConfig:
-    """In-memory erasure-coded snapshots, durable checkpoints and recovery (DESIGN.md §7)."""
+    """In-memory erasure-coded snapshots, durable checkpoints and recovery (docs/fault_tolerance.md)."""
 
     snapshot_every: int = 0
     """Take an in-memory snapshot every N optimizer steps (1 = every step). 0 = snapshots off."""

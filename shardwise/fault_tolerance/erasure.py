@@ -1,6 +1,6 @@
 """Systematic Reed-Solomon erasure code over GF(2^8): k data members + m parity members.
 
-Used by snapshots (DESIGN.md §7): the k ranks of an EC group each hold one *data member* (their snapshot
+Used by snapshots (docs/fault_tolerance.md): the k ranks of an EC group each hold one *data member* (their snapshot
 blob); m *parity members* live on other nodes' snapshot managers. Any <= m lost members of a stripe are
 rebuilt bit-exactly; more raises :class:`TooManyLostError`.
 

@@ -1,4 +1,4 @@
-"""Expert parallel (DESIGN.md §4): each rank of the `ep` group holds E/ep of the routed experts, and
+"""Expert parallel (docs/moe.md): each rank of the `ep` group holds E/ep of the routed experts, and
 tokens travel to their experts' rank and back by all-to-all.
 
 The `ep` group is carved from data-parallel ranks (ParallelDims): its ranks see different micro-batches.

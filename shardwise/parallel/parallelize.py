@@ -1,4 +1,4 @@
-"""`parallelize_model`: apply the parallelisms to a freshly built full model, in DESIGN.md §3 order.
+"""`parallelize_model`: apply the parallelisms to a freshly built full model, in the order below.
 
 The model is built whole on CPU under the seed (identical on every rank), then each step below
 replaces modules/parameters by this rank's part. The forward code is unchanged: layers derive their

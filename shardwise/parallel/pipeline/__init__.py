@@ -1,4 +1,4 @@
-"""Pipeline parallel (DESIGN.md §4): stage partitioning, stage modules, schedules via
+"""Pipeline parallel: stage partitioning, stage modules, schedules via
 torch.distributed.pipelining, composed with tensor parallel and the ZeRO engine."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """PipelineRunner: one training step of a pipelined model through torch.distributed.pipelining, with the
-ZeRO engine doing data parallel (DESIGN.md §4 "Pipeline").
+ZeRO engine doing data parallel.
 
     pmodel = parallelize_model(build_model(cfg.model, seed), dims, cfg.parallel)     # a PipelineModel
     engine = build_pipeline_data_parallel(pmodel, dims, cfg.zero, cfg.optim, device)

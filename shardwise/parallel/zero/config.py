@@ -17,7 +17,7 @@ def default_level_names(num_levels: int) -> list[str]:
 
 @dataclass
 class ZeroConfig:
-    """Hierarchical ZeRO (DESIGN.md §4): what is sharded over data parallel and how it travels."""
+    """Hierarchical ZeRO (docs/zero.md): what is sharded over data parallel and how it travels."""
 
     stage: int = 0
     """0 = replicated data parallel (bucketed gradient all-reduce, sum); 1 = shard the optimizer states and

@@ -1,4 +1,4 @@
-"""ZeroEngine: hierarchical ZeRO stages 0-3 on flat per-unit buffers (DESIGN.md §4).
+"""ZeroEngine: hierarchical ZeRO stages 0-3 on flat per-unit buffers (docs/zero.md).
 
     engine = ZeroEngine(model, ZeroConfig(stage=3), optim_cfg, levels=[g_pair, g_node, g_inter], dp_group=g_dp,
                         ranks_per_node=8, device=device)
