@@ -75,22 +75,14 @@ def _steps(rank, world, runs, run_dir):
     mixing it with cpu tensors fails), exactly where the GPU run would fail. Returns the recorded calls."""
     from pathlib import Path
 
-    from shardwise.trainer.compose import compose_config
-    from shardwise.trainer.distributed import init_distributed
-    from shardwise.trainer.trainer import Trainer
-    from shardwise.trainer.validate import validate_config
+    from trainer_runs import build_trainer
 
     C._backend_of = lambda group: "nccl"
     C.DEVICE_BACKENDS["nccl"] = "cpu"
     C.clear_cache()
     out = []
     for i, overrides in enumerate(runs):
-        cfg, _ = compose_config(overrides)
-        validate_config(cfg, world)
-        env = init_distributed(cfg.parallel, cfg.trainer)
-        d = Path(run_dir, str(i))
-        d.mkdir(parents=True, exist_ok=True)
-        tr = Trainer(cfg, env, d)
+        tr = build_trainer(overrides, world, Path(run_dir, str(i)))
         host_batches = tr.data.next_step
 
         def next_step():  # the input pipeline is host-side on every run (its batches go through _to_device)

@@ -6,7 +6,6 @@ travel in the checkpoint), and clear errors for bad checkpoints."""
 import math
 import pickle
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ from shardwise.fault_tolerance.training_state import flat_range_boxes
 from shardwise.testing import run_distributed
 from shardwise.testing.tolerance import EQUIV_ADAM_EPS, assert_params_close, assert_series_close, param_tolerance
 from shardwise.trainer.compose import compose_config
+
+from trainer_runs import build_trainer
 
 # Another layout sums gradients in another order: bounds of shardwise/testing/tolerance.py (eps raised).
 HIER = ["zero=stage3", "parallel.dp_node=2", "parallel.ranks_per_node=2"]  # 4 ranks = 2 emulated nodes x 2
@@ -37,14 +38,7 @@ def _ov(cache_dir, ckpt_dir, *extra):
             f"optim.eps={EQUIV_ADAM_EPS}", *SMALL, *extra]
 
 
-def _trainer(overrides, world, run_dir):
-    from shardwise.trainer.distributed import init_distributed
-    from shardwise.trainer.trainer import Trainer
-    from shardwise.trainer.validate import validate_config
-    cfg, _ = compose_config(overrides)
-    validate_config(cfg, world)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, init_distributed(cfg.parallel, cfg.trainer), Path(run_dir))
+_trainer = build_trainer  # compose, validate, process group, Trainer in run_dir
 
 
 def _four_ranks(rank, world, a_ov, b_ov, d_ov, q_ov, run_dir):

@@ -31,23 +31,29 @@ def _param_tol(overrides: tuple) -> tuple[float, float]:
     return param_tolerance(cfg.optim, cfg.trainer.max_steps)
 
 
-def fit_runs(rank, world, runs, run_dir, summarize, ablations=None):
-    """For each override list: compose, validate, build the Trainer in <run_dir>/<i>, fit; summarize.
-    `ablations`: per run, None or a shardwise.testing.ablation kind to train that run under."""
-    from shardwise.testing.ablation import ablate
+def build_trainer(overrides, world, run_dir):
+    """Compose and validate `overrides` for `world` ranks, set up the process group and build the real
+    Trainer writing to `run_dir` (created)."""
     from shardwise.trainer.compose import compose_config
     from shardwise.trainer.distributed import init_distributed
     from shardwise.trainer.trainer import Trainer
     from shardwise.trainer.validate import validate_config
 
+    cfg, _ = compose_config(overrides)
+    validate_config(cfg, world)
+    env = init_distributed(cfg.parallel, cfg.trainer)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, env, Path(run_dir))
+
+
+def fit_runs(rank, world, runs, run_dir, summarize, ablations=None):
+    """For each override list: build the Trainer in <run_dir>/<i>, fit; summarize.
+    `ablations`: per run, None or a shardwise.testing.ablation kind to train that run under."""
+    from shardwise.testing.ablation import ablate
+
     out = []
     for i, overrides in enumerate(runs):
-        cfg, _ = compose_config(overrides)
-        validate_config(cfg, world)
-        env = init_distributed(cfg.parallel, cfg.trainer)
-        d = Path(run_dir, str(i))
-        d.mkdir(parents=True, exist_ok=True)
         with ablate((ablations or [None] * len(runs))[i]):
-            tr = Trainer(cfg, env, d)
+            tr = build_trainer(overrides, world, Path(run_dir, str(i)))
             out.append(summarize(tr, tr.fit()))
     return out
