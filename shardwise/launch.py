@@ -78,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from torch.distributed.run import main as torchrun_main
 
     from .trainer.compose import compose_config
+    from .parallel.share import check_memory_budget
     from .trainer.validate import ConfigError, validate_config
 
     args = build_torchrun_args(sys.argv[1:] if argv is None else argv)
@@ -89,6 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         world = world_size(args[:split])
         if world is not None:
             validate_config(cfg, world)
+            check_memory_budget(cfg, world)  # trainer.memory_budget_gib: the meta-device share of each stage
     except ConfigError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         sys.exit(2)

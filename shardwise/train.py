@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from .trainer.compose import compose_config, to_yaml
 from .trainer.distributed import init_distributed, shutdown, world_from_env
+from .parallel.share import check_memory_budget
 from .trainer.validate import ConfigError, validate_config
 
 log = logging.getLogger("shardwise")
@@ -44,6 +45,7 @@ def run(overrides: Sequence[str]) -> list[dict]:
     setup_logging(rank)
     cfg, recipe = compose_config(overrides)
     validate_config(cfg, world)
+    check_memory_budget(cfg, world)  # before the real process group: it plays ranks on a fake one
 
     env = init_distributed(cfg.parallel, cfg.trainer)
     from .trainer.trainer import Trainer  # heavy imports (megatron datasets) after validation

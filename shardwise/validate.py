@@ -7,6 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from .models import count_parameters, flops_per_token
+from .parallel.share import budget_problem, describe, rank_shares
 from .trainer.compose import compose_config, to_yaml
 from .trainer.validate import ConfigError, dp_size, parallel_layout, validate_config
 
@@ -19,6 +20,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg, recipe = compose_config(overrides)
         validate_config(cfg, args.world_size)
+        shares = rank_shares(cfg, args.world_size)
+        problem = budget_problem(cfg, shares)
+        if problem:
+            raise ConfigError(problem)
     except ConfigError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         return 2
@@ -40,6 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extras += [f"qwZ {z.quantize_weights}"] if z.quantize_weights != "none" else []
     extras += [f"qgZ {z.quantize_gradients}"] if z.quantize_gradients != "none" else []
     print(f"  ZeRO stage {z.stage}{' (' + ', '.join(extras) + ')' if extras else ''} over the data-parallel levels")
+    budget = cfg.trainer.memory_budget_gib
+    print(f"  model states per rank, from each pipeline stage's meta-device share"
+          f"{f' (budget {budget:g} GiB)' if budget > 0 else ''}:\n{describe(shares)}")
     return 0
 
 

@@ -33,8 +33,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the tables on `device` (default: the current default device; a meta-device build
+        calls this again on the real device, shardwise.models.init.reset_buffers)."""
+        d = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64, device=device), inv_freq)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
@@ -89,17 +96,3 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-def init_weights(model: nn.Module, std: float, num_layers: int) -> None:
-    """GPT-2/Megatron init: N(0, std) for matrices, N(0, std/sqrt(2L)) for the projections that write
-    into the residual stream (attention `wo`, MLP/expert `w2`), ones for norm weights (the only 1-D
-    parameters: the model has no biases)."""
-    out_std = std / math.sqrt(2 * num_layers)
-    for name, p in model.named_parameters():
-        if p.dim() == 1:
-            nn.init.ones_(p)
-        elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
-            nn.init.normal_(p, 0.0, out_std)
-        else:
-            nn.init.normal_(p, 0.0, std)

@@ -66,6 +66,11 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
 
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Zero balancing bias on `device` (after a meta-device build: shardwise.models.init.reset_buffers)."""
+        if self.expert_bias is not None:
+            self.expert_bias = torch.zeros(self.expert_bias.shape[0], dtype=torch.float32, device=device)
+
     def forward(self, x: torch.Tensor) -> RouterOutput:
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..trainer.config import ModelConfig
 from .checkpointing import run_block
-from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, init_weights
+from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MoELayer, MoEStats
 
 
@@ -79,7 +79,14 @@ class Transformer(nn.Module):
         # Set by tensor parallel (shardwise.parallel.parallelize): computes logits / per-token CE from the
         # vocabulary shard of the head weight without materialising full logits. None = plain head.
         self.tp_head: Optional[nn.Module] = None
-        init_weights(self, cfg.init_std, cfg.num_layers)
+        if not self.embed.weight.is_meta:
+            # Built on a real device: initialise from a seed drawn from torch's global RNG (so manual_seed
+            # still decides). build_model builds on meta and materialises instead (same rule, models/init.py).
+            from .init import ParamInit
+            init = ParamInit(cfg, int(torch.randint(0, 2**62, (), device="cpu")))
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    p.copy_(init(name, p))
 
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.output is None else self.output.weight
@@ -124,9 +131,15 @@ class Transformer(nn.Module):
         return ModelOutput((ce * mask).sum(), mask.sum(), aux, stats)
 
 
+def build_meta_model(cfg: ModelConfig) -> Transformer:
+    """The model on the meta device: shapes only, no memory. Split it (shardwise.parallel.parallelize_model),
+    then materialise this rank's part (shardwise.models.init; the ZeRO engine does it unit by unit)."""
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
 def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> Transformer:
-    """Build and initialise on CPU under `seed` (identical on every rank and world size), then move."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Transformer(cfg)
-    return model.to(device)
+    """The full model initialised under `seed` on `device`: the values every layout reproduces (each
+    parameter's values depend on (seed, name) only; shardwise.models.init)."""
+    from .init import ParamInit, materialize
+    return materialize(build_meta_model(cfg), ParamInit(cfg, seed), device)

@@ -17,7 +17,7 @@ LEVEL_NAMES = ["pair", "node", "inter"]  # what zero.secondary_partition_level n
 
 
 def build_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConfig, optim_cfg,
-                        device: torch.device):
+                        device: torch.device, param_init=None):
     """Wrap the (tensor-parallel) `model` of this rank in the ZeRO engine over dims' dp levels; with
     expert parallel (dims.ep > 1) in a MoEZeroEngine, whose routed experts are reduced over the
     expert-data-parallel group only (shardwise.parallel.zero.experts).
@@ -26,10 +26,11 @@ def build_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConf
     with `tp_shard_dim`) on every tp rank and replicated ones once, and sequence-parallel norm weights
     (`sequence_parallel`) hold partial gradients that the engine sums over tp after the dp reduction.
     The engine's param/reduce dtypes come from `zero_cfg` (the trainer resolves `auto` from trainer.precision).
+    param_init: values for meta-device parameters (shardwise.models.init.ParamInit), materialised unit by unit.
     """
     if dims.ep > 1:
         from .zero.experts import build_expert_data_parallel
-        return build_expert_data_parallel(model, dims, zero_cfg, optim_cfg, device)
+        return build_expert_data_parallel(model, dims, zero_cfg, optim_cfg, device, param_init)
     # Without a process group (one process) every group is None and every level has size 1.
     levels = [dims.group(name) for name in DP_LEVELS]
     named = list(model.named_parameters())
@@ -37,4 +38,5 @@ def build_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConf
     tp_partial = {n for n, p in named if getattr(p, "sequence_parallel", False)}
     return ZeroEngine(model, zero_cfg, optim_cfg, levels=levels, dp_group=dims.group("dp"),
                       ranks_per_node=dims.ranks_per_node, device=device, tp_group=dims.group("tp"),
-                      tp_replicated=tp_replicated, tp_partial=tp_partial, level_names=LEVEL_NAMES)
+                      tp_replicated=tp_replicated, tp_partial=tp_partial, level_names=LEVEL_NAMES,
+                      param_init=param_init)

@@ -196,6 +196,10 @@ class TrainerConfig:
     """`auto` (cuda when available, else cpu), `cpu` or `cuda`."""
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device for MFU; null = a table of known GPUs, or a matmul probe on CPU."""
+    memory_budget_gib: float = 0.0
+    """Memory of one device (GiB) that a rank's model states (parameters, gradients, fp32 masters, AdamW
+    moments; shardwise.parallel.share) must fit in; `shardwise-validate` builds each pipeline stage's share
+    on the meta device and refuses the layout with the number when it does not fit. 0 = no check."""
     deterministic: bool = True
     """Use deterministic kernels (needed for bit-identical restarts)."""
     activation_checkpointing: str = "none"

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models import build_model, count_parameters, flops_per_token
+from ..models import build_meta_model, count_parameters, flops_per_token
+from ..models.init import ParamInit
 from ..models.checkpointing import set_activation_checkpointing
 from ..models.moe import MoELayer, update_expert_bias
 from ..parallel import ParallelDims, build_data_parallel, full_state_dict, parallelize_model
@@ -41,6 +42,12 @@ from .metrics import MetricsLogger, memory_gib, peak_tflops
 from .optim import build_scheduler
 
 log = logging.getLogger("shardwise")
+
+
+def _rank_size(group) -> tuple[int, int]:
+    """(this rank's index, size) of `group`; (0, 1) without one. The same index the tp/ep splits use."""
+    import torch.distributed as dist
+    return (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -63,8 +70,11 @@ class Trainer:
         self.dp_group, self.tp_group = self.dims.group("dp"), self.dims.group("tp")
         self.dp_rank, self.dp_size = self.dims.my_coords["dp"], self.dims.dp
 
-        # Full model on CPU under the seed (same init at any layout), then this rank's part of it.
-        self.model: nn.Module = parallelize_model(build_model(cfg.model, t.seed, "cpu"), self.dims, cfg.parallel)
+        # The model on the meta device (no memory), cut to this rank's part (pipeline stage, tp and ep slices);
+        # the engine below materialises that part unit by unit from the seed (same values at any layout:
+        # each tensor's values depend on (seed, name) only, shardwise.models.init), and its buffers.
+        self.model: nn.Module = parallelize_model(build_meta_model(cfg.model), self.dims, cfg.parallel)
+        param_init = ParamInit(cfg.model, t.seed, tp=_rank_size(self.tp_group), ep=_rank_size(self.dims.group("ep")))
         # A flag per block, read by the one block call site of every layout (models.checkpointing.run_block).
         recomputed = set_activation_checkpointing(self.model, t.activation_checkpointing)
         # Data parallel (all stages, including replicated stage 0) through the ZeRO engine; it owns the
@@ -72,10 +82,10 @@ class Trainer:
         self.pipeline = None
         if self.dims.pp > 1:  # pipelined: a schedule runs the step (shardwise.trainer.pipeline_step)
             from .pipeline_step import PipelineStep
-            self.pipeline = PipelineStep(self.model, self.dims, cfg, env.device)
+            self.pipeline = PipelineStep(self.model, self.dims, cfg, env.device, param_init)
             self.engine = self.pipeline.engine
         else:
-            self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device)
+            self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device, param_init)
         self.raw_model = self.engine.module
         # Auxiliary-loss-free balancing (model.moe.bias_update_rate > 0): the rows of the step's per-MoE-layer
         # count table that this rank's MoE layers update (a pipeline stage holds some of them).

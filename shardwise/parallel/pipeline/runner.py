@@ -182,7 +182,7 @@ class PipelineRunner:
 
 
 def build_pipeline_data_parallel(pmodel: PipelineModel, dims, zero_cfg, optim_cfg, device,
-                                 param_dtype: Optional[torch.dtype] = None):
+                                 param_dtype: Optional[torch.dtype] = None, param_init=None):
     """The ZeRO engine over this pp rank's chunks (units: embedding / blocks / head of its stages), over the
     dp levels of `dims`, as shardwise.parallel.data_parallel.build_data_parallel does for the whole model
     (a MoEZeroEngine with expert parallel)."""
@@ -190,7 +190,7 @@ def build_pipeline_data_parallel(pmodel: PipelineModel, dims, zero_cfg, optim_cf
     from ..mesh import DP_LEVELS
     from ..zero import ZeroEngine
 
-    kw = {} if param_dtype is None else {"param_dtype": param_dtype}
+    kw = {"param_init": param_init} if param_dtype is None else {"param_dtype": param_dtype, "param_init": param_init}
     if dims.ep > 1:  # routed experts over the expert-data-parallel group, the rest over dp
         from ..zero.experts import MoEZeroEngine
         return MoEZeroEngine(pmodel, zero_cfg, optim_cfg, dims, device=device, units=pmodel.zero_units(), **kw)

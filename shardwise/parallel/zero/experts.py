@@ -90,7 +90,8 @@ class MoEZeroEngine:
 
     def __init__(self, model: nn.Module, cfg: ZeroConfig, optim_cfg, dims: ParallelDims,
                  device: Optional[torch.device] = None, param_dtype: Optional[torch.dtype] = None,
-                 reduce_dtype: Optional[torch.dtype] = None, units: Optional[list[UnitSpec]] = None):
+                 reduce_dtype: Optional[torch.dtype] = None, units: Optional[list[UnitSpec]] = None,
+                 param_init=None):
         dense_units, expert_units = split_units(model, units)
         if not expert_units:
             raise ValueError("MoEZeroEngine: the model has no routed experts (model.moe.num_experts = 0)")
@@ -99,7 +100,7 @@ class MoEZeroEngine:
         tp_partial = {n for n, p in named if getattr(p, "sequence_parallel", False)}
         common = dict(ranks_per_node=dims.ranks_per_node, device=device, tp_group=dims.group("tp"),
                       tp_replicated=tp_replicated, tp_partial=tp_partial, param_dtype=param_dtype,
-                      reduce_dtype=reduce_dtype)
+                      reduce_dtype=reduce_dtype, param_init=param_init)
         self.dense = ZeroEngine(model, cfg, optim_cfg, levels=[dims.group(n) for n in DP_LEVELS],
                                 dp_group=dims.group("dp"), level_names=LEVEL_NAMES, units=dense_units, **common)
         levels, names = edp_levels(dims)
@@ -232,6 +233,6 @@ class MoEZeroEngine:
 
 
 def build_expert_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConfig, optim_cfg,
-                               device: torch.device) -> MoEZeroEngine:
+                               device: torch.device, param_init=None) -> MoEZeroEngine:
     """What data_parallel.build_data_parallel returns when dims.ep > 1."""
-    return MoEZeroEngine(model, zero_cfg, optim_cfg, dims, device=device)
+    return MoEZeroEngine(model, zero_cfg, optim_cfg, dims, device=device, param_init=param_init)

@@ -109,8 +109,24 @@ class FlatLayout:
         for sl in self.slots:
             sl.param.data = flat[sl.offset: sl.offset + sl.numel].view(sl.shape)
 
-    def flatten_params(self, dtype, device) -> torch.Tensor:
+    def flatten_params(self, dtype, device, init=None) -> torch.Tensor:
+        """The unit's values in one new buffer. A parameter on the meta device (a model built without its
+        values, shardwise.models.init) gets them from `init(name, param)` and becomes a real tensor here, one
+        unit at a time, so no rank ever holds more than its kept share plus the unit being built."""
+        from ...models.init import materialize_param
         flat = torch.zeros(self.padded, dtype=dtype, device=device)
         for sl in self.slots:
-            flat[sl.offset: sl.offset + sl.numel].copy_(sl.param.detach().reshape(-1))
+            dst = flat[sl.offset: sl.offset + sl.numel]
+            if sl.param.is_meta:
+                if init is None:
+                    raise ValueError(f"zero: parameter {sl.name} is on the meta device and the engine got no "
+                                     "param_init to materialise it (pass ZeroEngine(..., param_init=...))")
+                values = init(sl.name, sl.param)
+                dst.copy_(values.reshape(-1))
+                # Real from here on; view_params then points it at the buffer. Not a view of `flat` itself:
+                # it would share flat's version counter, and every in-place write to the buffer (gathers,
+                # the optimizer's write-back) would then invalidate the tensors autograd saved.
+                materialize_param(sl.param, values.reshape(sl.shape))
+            else:
+                dst.copy_(sl.param.detach().reshape(-1))
         return flat
