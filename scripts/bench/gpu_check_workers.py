@@ -86,7 +86,8 @@ def w_env(ctx: Ctx, d: dict) -> dict:
     d["apex"] = {"fused_rmsnorm": kernels.fused_rmsnorm_available(ctx.device),
                  "fused_adam": kernels.fused_adam_available(ctx.device), "reason": k.reason}
     d["cublas_workspace_config"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    return {"cuda_available": ctx.smoke or bool(d["cuda_available"])}
+    # --cpu-smoke needs no GPU: there the check only proves the probes above ran.
+    return {"probes_ran": True} if ctx.smoke else {"cuda_available": bool(d["cuda_available"])}
 
 
 # ---------------------------------------------------------------- collectives
