@@ -12,18 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 
 class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale. The forward is `kernels.rms_norm`: apex's fused CUDA kernel when NVIDIA
+    apex is installed and the input is on a GPU, else the torch code (`kernels.rms_norm_torch`), so CPU
+    results are unchanged whether apex is installed or not."""
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even under bf16 autocast: the mean of squares loses precision otherwise.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
