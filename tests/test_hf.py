@@ -261,3 +261,72 @@ def test_export_rejects_what_mixtral_cannot_express():
         cfg = ModelConfig(**base, moe=MoEConfig(num_experts=4, **{field: value}))
         with pytest.raises(HFConversionError, match=rf"model\.moe\.{field}"):
             config_to_hf(cfg)
+
+
+@pytest.mark.parametrize("variant", VARIANTS + ["mixtral_fused"])
+def test_lazy_init_from_hf_equals_the_full_import(variant, hf_dirs, tmp_path):
+    """HFInit (trainer.init_from) gives every tensor the values of load_hf_checkpoint, reading one tensor
+    (and for routed experts, one expert) at a time; a wrong directory fails before anything is built."""
+    from shardwise.models import build_meta_model
+    from shardwise.models.hf_init import HFInit
+    from shardwise.models.init import materialize
+
+    src = hf_dirs[variant.replace("_fused", "")][0]
+    if variant.endswith("fused"):  # the transformers-5 layout: gate_up_proj / down_proj per layer
+        tensors, _ = read_safetensors_dir(src)
+        cfg, _ = load_hf_checkpoint(src)
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            per = [[tensors.pop(f"{p}block_sparse_moe.experts.{e}.{n}.weight") for e in range(4)] for n in ("w1", "w3", "w2")]
+            tensors[p + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat([a, b]) for a, b in zip(per[0], per[1])])
+            tensors[p + "mlp.experts.down_proj"] = torch.stack(per[2])
+            tensors[p + "mlp.gate.weight"] = tensors.pop(p + "block_sparse_moe.gate.weight")
+        import safetensors.torch as st
+        d = tmp_path / "fused"
+        d.mkdir()
+        st.save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text((src / "config.json").read_text())
+        src = d
+    cfg, want = load_hf_checkpoint(src)
+    got = dict(materialize(build_meta_model(cfg), HFInit(src, cfg)).state_dict())
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    # The slice of a tensor- and expert-parallel rank is the slice of the full import.
+    if cfg.moe.num_experts:
+        meta = torch.nn.Parameter(torch.empty(2, 32, 20, device="meta"))
+        meta.tp_shard_dim = 2  # as tensor parallel marks the experts' ffn dim
+        part = HFInit(src, cfg, tp=(1, 2), ep=(1, 2))("layers.1.mlp.experts.w1", meta)
+        assert torch.equal(part, want["layers.1.mlp.experts.w1"][2:, :, 20:])
+    import dataclasses
+    with pytest.raises(HFConversionError, match="model.hidden_size=32 but the run's model has 64"):
+        HFInit(src, dataclasses.replace(cfg, hidden_size=64))
+
+
+def _sharded_init_worker(rank, world, path, layout):
+    """The trainer's construction path: meta model, cut by `layout`, ZeRO-3 engine materialising each unit
+    from the HF directory; returns the single-device state gathered back (fp32 masters over dp, tp, ep)."""
+    from shardwise.models import build_meta_model
+    from shardwise.models.hf_init import HFInit
+    from shardwise.parallel import ParallelDims, build_data_parallel, full_state_dict, parallelize_model
+    from shardwise.parallel.zero import ZeroConfig
+    from shardwise.parallel.zero.testing import optim_config
+    from shardwise.trainer.config import ParallelConfig
+    from shardwise.trainer.trainer import _rank_size
+
+    pcfg = ParallelConfig(**layout)
+    dims = ParallelDims.from_config(pcfg, world).build_mesh()
+    cfg, _ = load_hf_checkpoint(path)
+    model = parallelize_model(build_meta_model(cfg), dims, pcfg)
+    init = HFInit(path, cfg, tp=_rank_size(dims.group("tp")), ep=_rank_size(dims.group("ep")))
+    engine = build_data_parallel(model, dims, ZeroConfig(stage=3), optim_config(), torch.device("cpu"), init)
+    return full_state_dict(engine.module, dims.group("tp"), engine.full_state_dict(rank0_only=False))
+
+
+def test_init_from_hf_into_zero3_shards_at_tp2_ep2(hf_dirs):
+    src = hf_dirs["mixtral"][0]
+    _, want = load_hf_checkpoint(src)
+    for got in run_distributed(_sharded_init_worker, 4, str(src), dict(tp=2, ep=2), timeout=120):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k

@@ -196,6 +196,11 @@ class TrainerConfig:
     """`auto` (cuda when available, else cpu), `cpu` or `cuda`."""
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device for MFU; null = a table of known GPUs, or a matmul probe on CPU."""
+    init_from: str = ""
+    """A local Hugging Face Llama/Mixtral directory (config.json + safetensors) whose weights initialise the
+    model instead of the seed; each rank reads only its own slices (shardwise.models.hf_init). The run's
+    model config must match the directory's (the model YAML `scripts/convert_hf.py import` writes). A durable
+    checkpoint or snapshot to resume from takes precedence. Empty = initialise from trainer.seed."""
     memory_budget_gib: float = 0.0
     """Memory of one device (GiB) that a rank's model states (parameters, gradients, fp32 masters, AdamW
     moments; shardwise.parallel.share) must fit in; `shardwise-validate` builds each pipeline stage's share

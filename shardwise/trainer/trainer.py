@@ -74,7 +74,12 @@ class Trainer:
         # the engine below materialises that part unit by unit from the seed (same values at any layout:
         # each tensor's values depend on (seed, name) only, shardwise.models.init), and its buffers.
         self.model: nn.Module = parallelize_model(build_meta_model(cfg.model), self.dims, cfg.parallel)
-        param_init = ParamInit(cfg.model, t.seed, tp=_rank_size(self.tp_group), ep=_rank_size(self.dims.group("ep")))
+        split = dict(tp=_rank_size(self.tp_group), ep=_rank_size(self.dims.group("ep")))
+        if t.init_from:  # a Hugging Face directory, read slice by slice (no rank loads the whole model)
+            from ..models.hf_init import HFInit
+            param_init = HFInit(t.init_from, cfg.model, **split)
+        else:
+            param_init = ParamInit(cfg.model, t.seed, **split)
         # A flag per block, read by the one block call site of every layout (models.checkpointing.run_block).
         recomputed = set_activation_checkpointing(self.model, t.activation_checkpointing)
         # Data parallel (all stages, including replicated stage 0) through the ZeRO engine; it owns the
