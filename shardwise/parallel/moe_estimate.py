@@ -2,15 +2,17 @@
 
     python -m shardwise.parallel.moe_estimate recipe=mixtral_8x7b_64gpu --world-size 64
 
-Model states follow what the trainer and the ZeRO engine keep (parameters in fp32 — bf16 runs use
-autocast —, fp32 gradient accumulators, fp32 master slices and AdamW moments; see
+Model states follow what the trainer and the ZeRO engine keep (compute parameters in `zero.param_dtype`,
+P bytes: 2 for bf16, 4 for fp32; fp32 gradient accumulators, fp32 master slices and AdamW moments; see
 shardwise/parallel/zero/engine.py): bytes per parameter by ZeRO stage, G = the group the parameter is
 sharded over (dp for dense parameters, edp = dp / ep for routed experts):
 
-    stage 0: 4 param + 4 grad + 4 master + 8 AdamW      = 20
-    stage 1: 4 param + 4 grad + (4 + 8) / G              (persistent full fp32 gradient buffer)
-    stage 2: 4 param + (4 grad + 4 + 8) / G              (+ one unit's fp32 gradient while it reduces)
-    stage 3: (4 + 4 + 4 + 8) / G                         (+ the gathered units in flight)
+    stage 0: P param + 4 grad + 4 master + 8 AdamW      = P + 16
+    stage 1: P param + 4 grad + (4 + 8) / G              (persistent full fp32 gradient buffer)
+    stage 2: P param + (4 grad + 4 + 8) / G              (+ one unit's fp32 gradient while it reduces)
+    stage 3: (P + 4 + 4 + 8) / G                         (+ the gathered units in flight)
+
+The exact per-rank parameter counts of a layout, from a meta-device build: shardwise.parallel.share.
 
 The pipeline stage with the most parameters is reported (layers split evenly; embedding on the first
 stage, head on the last). Activations are a coarse estimate for one micro-batch in flight per pipeline
@@ -47,9 +49,9 @@ class Estimate:
         return self.model_state_bytes + self.activation_bytes
 
 
-def _state_bytes(params: float, stage: int, group: int) -> float:
-    g = max(group, 1)
-    return params * {0: 20.0, 1: 8.0 + 12.0 / g, 2: 4.0 + 16.0 / g, 3: 20.0 / g}[stage]
+def _state_bytes(params: float, stage: int, group: int, param_bytes: int = 4) -> float:
+    g, P = max(group, 1), float(param_bytes)
+    return params * {0: P + 16.0, 1: P + 4.0 + 12.0 / g, 2: P + 16.0 / g, 3: (P + 16.0) / g}[stage]
 
 
 def estimate(cfg, world_size: int) -> Estimate:
@@ -77,7 +79,9 @@ def estimate(cfg, world_size: int) -> Estimate:
         stages.append((dense, sum(layer(i)[1] for i in ids)))
     dense, expert = max(stages, key=lambda x: x[0] + x[1])
     stage = cfg.zero.stage
-    state = _state_bytes(dense, stage, dp) + _state_bytes(expert, stage, dp // ep)
+    from .zero.config import resolve_precision
+    P = 2 if resolve_precision(cfg.zero, cfg.trainer.precision).param_dtype == "bf16" else 4
+    state = _state_bytes(dense, stage, dp, P) + _state_bytes(expert, stage, dp // ep, P)
 
     # Activations of one micro-batch on the busiest stage (bytes per token, bf16).
     tok = d.micro_batch_size * d.seq_len
