@@ -80,6 +80,8 @@ def test_gradient_memory_stays_sharded(runs):
             assert x["peak"]["samples"] > 0
             assert x["peak"]["grads"] <= bound, (rank, key, x["peak"], bound, old)
             assert x["after_step"] == S + ef, (rank, key)  # partials gone after the step
+            if rank == 0:
+                print(key, {"peak": x["peak"]["grads"], "bound": bound, "full_grads": old + ef})
 
 
 def test_bytes_per_level_follow_accumulation_mode(runs):
