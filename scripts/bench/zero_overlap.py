@@ -5,7 +5,7 @@ Every job runs on the emulated cluster (`scripts/emulate_cluster.py run`: `--nod
 of `--nproc` ranks, inter-node links shaped to a rate per direction) the same ZeroEngine training loop
 (this file's `--worker` mode under torchrun): ZeRO-3 over [node, inter] levels, `--micro` micro-batches per
 rank (gradient accumulation, default `inner`: the inter level carries the gradient once per step), same
-model, seed and global batch. Variants:
+model, seed and global batch (`--stage 2`: ZeRO-2 instead). Variants:
   compute  the chains as now, inter-node links at `--fast-rate` (the communication nearly free): the
            step time without slow communication
   serial   the former chains (comm.Topology.overlap_levels = False: only a chain's first level asynchronous,
@@ -40,7 +40,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
 
 VARIANTS = {"compute": (True, "fast"), "serial": (False, "slow"), "overlap": (True, "slow")}
-SPEC = ("nproc", "steps", "skip", "hidden", "layers", "seq", "micro", "micro_batch")  # what a job passes on
+SPEC = ("stage", "nproc", "steps", "skip", "hidden", "layers", "seq", "micro", "micro_batch")  # what a job passes on
 
 
 def _record_inter(engine, level: int):
@@ -94,7 +94,7 @@ def worker(a) -> None:
     mcfg = ModelConfig(name="bench", vocab_size=512, hidden_size=a.hidden, num_layers=a.layers, num_heads=4,
                        ffn_hidden_size=4 * a.hidden, max_seq_len=a.seq)
     oc = optim_config()
-    engine = ZeroEngine(build_model(mcfg, 0), ZeroConfig(stage=3), oc, levels=levels, dp_group=dist.group.WORLD,
+    engine = ZeroEngine(build_model(mcfg, 0), ZeroConfig(stage=a.stage), oc, levels=levels, dp_group=dist.group.WORLD,
                         ranks_per_node=a.nproc, device="cpu")
     g, calls = _record_inter(engine, 1)
     times, n_global = [], a.micro * world
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-rate", default="10gbit", help="inter-node rate of the compute variant")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--skip", type=int, default=2, help="untimed first steps")
+    ap.add_argument("--stage", type=int, default=3, choices=(2, 3))
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown --variants {unknown}: use {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     variants = [Variant(n, fn=partial(_job, a, n)) for n in names]
-    extra = {k: getattr(a, k) for k in ("nodes", "nproc", "rate", "fast_rate", "steps", "skip", "hidden", "layers",
+    extra = {k: getattr(a, k) for k in ("stage", "nodes", "nproc", "rate", "fast_rate", "steps", "skip", "hidden", "layers",
                                         "seq", "micro", "micro_batch")}
     res = run_benchmark("zero_overlap", variants, repeats=a.repeats, warmup=0, baseline=names[0], out_dir=a.out,
                         extra=extra)
