@@ -5,7 +5,9 @@ reduce-scatter of a buffer of N bytes over g ranks costs (g-1)/g * N per rank, a
 all-to-all (g-1)/g * N. M = model bytes in the communication dtype (fp32 here), counted on the padded
 flat buffers (each unit padded to a multiple of the dp size G; padding < G elements per unit).
 One micro-batch per rank, one step: per collective over level l (sizes s_0.. innermost first) a rank
-sends (s_l - 1)/s_l * M / (s_0 ... s_{l-1}).
+sends (s_l - 1)/s_l * M / (s_0 ... s_{l-1}). With m micro-batches (the ACCUM_CONFIGS), stages 2-3 reduce
+every micro-batch: m reduce-scatters over each level, except one over the outermost level with `inner`
+accumulation (the default with >= 2 levels of size > 1); stage 1 still reduces once.
 """
 import pytest
 import torch.distributed as dist
@@ -22,12 +24,12 @@ def _bytes_run(rank, world, sizes, configs):
 
     levels = make_levels(rank, world, sizes)
     out = {}
-    for key, kw, hier in configs:
+    for key, kw, hier, *micro in configs:
         mcfg = tiny_config(moe=False, hidden=64)
         engine = ZeroEngine(build_model(mcfg, 0), ZeroConfig(quant_block_size=B, **kw), optim_config(),
                             levels=levels if hier else [dist.group.WORLD], dp_group=dist.group.WORLD,
                             ranks_per_node=world // sizes[-1], device="cpu")
-        _, _, comm = engine_train(engine, mcfg, rank, world, 1, steps=1)
+        _, _, comm = engine_train(engine, mcfg, rank, world, micro[0] if micro else 1, steps=1)
         out[key] = {"comm": comm[0], "padded": [u.layout.padded for u in engine.units],
                     "shard": [u.layout.shard_numel for u in engine.units]}
     return out
@@ -47,12 +49,17 @@ BF16 = {"param_dtype": "bf16", "reduce_dtype": "bf16"}
 # The same layouts with bf16 gathers/reductions (zero.param_dtype / zero.reduce_dtype), and each dtype alone.
 BF16_CONFIGS = [(f"{k}-bf16", {**kw, **BF16}, hier) for k, kw, hier in BYTE_CONFIGS if k in ("s0", "s1", "s3", "s3-qg8")] + [
     ("s3-pbf16", {"stage": 3, "param_dtype": "bf16"}, True), ("s3-rbf16", {"stage": 3, "reduce_dtype": "bf16"}, True)]
+# Gradient accumulation: 2 micro-batches per rank (key, config, hierarchical, micro-batches).
+ACCUM_CONFIGS = [("s1-m2", {"stage": 1}, True, 2), ("s2-m2", {"stage": 2}, True, 2), ("s3-m2", {"stage": 3}, True, 2),
+                 ("s3-m2-shard", {"stage": 3, "grad_accumulation": "shard"}, True, 2),
+                 ("s3-flat-m2", {"stage": 3}, False, 2),
+                 ("s3-m2-qg8", {"stage": 3, "quantize_gradients": "int8"}, True, 2)]
 
 
 @pytest.fixture(scope="module")
 def byte_runs():
     # 8 ranks = 2 nodes of 4 (ranks_per_node 4) as pair 2 x node 2 x inter 2.
-    return run_distributed(_bytes_run, 8, [2, 2, 2], BYTE_CONFIGS + BF16_CONFIGS, timeout=240)
+    return run_distributed(_bytes_run, 8, [2, 2, 2], BYTE_CONFIGS + BF16_CONFIGS + ACCUM_CONFIGS, timeout=300)
 
 
 def test_byte_volumes_match_formulas(byte_runs):
@@ -96,6 +103,29 @@ def test_byte_volumes_match_formulas(byte_runs):
     assert p8 / (M / G) == pytest.approx((1 + 4 / B) / 4, rel=0.02)
     assert p4 / (M / G) == pytest.approx((0.5 + 4 / B) / 4, rel=0.04)
     print({k: {kk: int(vv) for kk, vv in v.items()} for k, v in c.items()}, "M =", M)
+
+
+def test_byte_volumes_with_gradient_accumulation(byte_runs):
+    """m = 2 micro-batches: per level l the gradient share (s_l-1)/s_l * Mg / P_l is sent r_l times, r_l = 1
+    for stage 1, r_l = m for stages 2-3 except r = 1 over the outermost level with `inner` accumulation;
+    the parameter gathers are 2m (stage 3) or 1 (stages 1-2) shares as without accumulation."""
+    from shardwise.parallel.zero.quant import packed_size
+    r = byte_runs[0]
+    M, m, G = 4 * sum(r["s3"]["padded"]), 2, 8
+    share = {"pair": M / 2, "node": M / 4, "inter": M / 8}
+    c = {k: v["comm"] for k, v in r.items()}
+    for lvl in ("pair", "node", "inter"):
+        inner = lvl != "inter"
+        assert c["s1-m2"][f"level.{lvl}"] == pytest.approx(2 * share[lvl]), lvl
+        assert c["s2-m2"][f"level.{lvl}"] == pytest.approx(((m if inner else 1) + 1) * share[lvl]), lvl
+        assert c["s3-m2"][f"level.{lvl}"] == pytest.approx((2 * m + (m if inner else 1)) * share[lvl]), lvl
+        assert c["s3-m2-shard"][f"level.{lvl}"] == pytest.approx((2 * m + m) * share[lvl]), lvl
+    # One level: `auto` is `shard`, the reduce-scatter runs per micro-batch.
+    assert c["s3-flat-m2"]["level.dp"] == pytest.approx(3 * m * (G - 1) / G * M)
+    # qgZ: the packed all-to-all over the slow level once per step, the fast levels per micro-batch.
+    p8 = sum(packed_size(s, 8, B) for s in r["s3"]["shard"])
+    assert c["s3-m2-qg8"]["level.inter"] == pytest.approx(2 * m * share["inter"] + p8)
+    assert c["s3-m2-qg8"]["level.node"] == pytest.approx(3 * m * share["node"])
 
 
 def test_byte_volumes_follow_the_dtypes(byte_runs):

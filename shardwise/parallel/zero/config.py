@@ -39,6 +39,15 @@ class ZeroConfig:
     prefetch_units: int = 1
     """Stage 3: units whose all-gather is started ahead of the unit that runs (forward and backward
     order); also bounds the gradient reductions in flight (prefetch_units + 1). 0 = no overlap."""
+    grad_accumulation: str = "auto"
+    """How stages 2-3 treat the micro-batches run inside `no_sync()` (gradient accumulation); stages 0-1
+    always keep the full fp32 gradient until the step's last micro-batch. `shard`: reduce-scatter over
+    every level each micro-batch into the fp32 shard (DeepSpeed's behaviour; gradient memory = the shard,
+    but the slowest level carries the gradient once per micro-batch). `inner`: reduce-scatter each
+    micro-batch over the levels inside the outermost one of size > 1, summing into a partial buffer of
+    1/P of the model (P = product of those inner sizes), and send the outermost level once per step
+    (slow-link bytes as without accumulation). `auto`: `inner` when >= 2 levels have size > 1, else
+    `shard` (`inner` with a single such level is `shard` as well)."""
     quant_block_size: int = 256
     """Values per quantization block (one fp32 scale each)."""
     param_dtype: str = "auto"
@@ -108,6 +117,8 @@ def validate(cfg: ZeroConfig, level_sizes: list[int], level_names: list[str] | N
         errs.append("zero.quantize_gradients needs zero.stage >= 1 (stage 0 all-reduces in full precision)")
     if cfg.prefetch_units < 0:
         errs.append(f"zero.prefetch_units must be >= 0, got {cfg.prefetch_units}")
+    if cfg.grad_accumulation not in ("auto", "shard", "inner"):
+        errs.append(f"zero.grad_accumulation must be auto, shard or inner, got {cfg.grad_accumulation!r}")
     if cfg.quant_block_size < 2 or cfg.quant_block_size % 2:
         errs.append(f"zero.quant_block_size must be an even number >= 2, got {cfg.quant_block_size}")
     return errs + _dtype_problems(cfg)

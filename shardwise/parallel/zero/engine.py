@@ -14,11 +14,22 @@ for all root parameters) the engine keeps: `flat` (compute dtype, padded to a mu
 the model's parameters are views into it; stage 3 frees its storage between uses), `shard` (stage 3:
 this rank's compute-dtype slice), `master` (fp32 slice: 1/G of the unit for stages 1-3, all of it for
 stage 0), `grad_acc` (fp32 full-size gradient accumulator; persistent for stages 0-1, only from the first
-gradient of a backward to the unit's reduction for stages 2-3) and `grad_shard` (fp32 reduced slice,
-stages 1-3). Gradients reach `grad_acc` through post-accumulate-grad hooks; when all of a unit's
-gradients are in (and we are not inside `no_sync()`), its reduce-scatter (innermost level first) starts,
-in backward unit order on every rank, whichever parameters this rank's batch reached (order.py).
+gradient of a backward to the unit's reduction for stages 2-3), `partial` (stages 2-3, `inner`
+accumulation: fp32 sum over the step's micro-batches of the gradient reduced over the inner levels) and
+`grad_shard` (fp32 reduced slice, stages 1-3). Gradients reach `grad_acc` through post-accumulate-grad
+hooks; when all of a unit's gradients are in, its reduce-scatter (innermost level first) starts, in
+backward unit order on every rank, whichever parameters this rank's batch reached (order.py). Every
+level of a reduction or gather runs asynchronously, the next level launched from the engine's hooks as
+soon as the previous one completed (comm.LaunchQueue); a result is waited for only when it is needed.
 Gradients are SUMMED over data parallel (the trainer normalises the loss by global token count).
+
+Gradient accumulation (micro-batches inside `no_sync()`; reduce.py): stages 0-1 keep accumulating the full
+fp32 gradient and reduce it once, in the step's last backward. Stages 2-3 reduce in every backward
+(`zero.grad_accumulation`): `shard` reduce-scatters over all levels into `grad_shard` each micro-batch
+(DeepSpeed), `inner` (the default when >= 2 levels have size > 1) reduce-scatters each micro-batch over
+the levels inside the outermost level of size > 1 (call it o) into `partial`, and the last backward sends
+level o once. A unit's full gradient exists only while its gradients arrive and its reduction is in
+flight (at most prefetch_units + 1 reductions).
 
 Contract for the caller (trainer):
 - call forward through `engine(...)` or `engine.module(...)` (hooks live on the module); run every
@@ -38,15 +49,25 @@ Contract for the caller (trainer):
 
 Communication per step with m micro-batches per rank (M = bytes of the padded model in the param dtype,
 Mg = the same in `reduce_dtype`; level l of size s_l, inner product P_l = s_0...s_{l-1}; per-rank send
-convention of comm.py): stage 3 sends, over level l, (s_l-1)/s_l * (2m M + Mg) / P_l (forward gather,
-backward re-gather, one gradient reduce-scatter); with hpZ at level h the backward gathers skip levels > h;
-stages 1-2: (s_l-1)/s_l * (Mg + M) / P_l (reduce-scatter + gather of the updated parameters); stage 0:
-an all-reduce of Mg over the dp group. qwZ replaces M by the packed int8 size, qgZ the outermost level's
-Mg share by an all-to-all of the packed gradient shard (see quant.py).
+convention of comm.py): the gradient reduce-scatter sends (s_l-1)/s_l * r_l Mg / P_l over level l, with
+r_l = 1 for stages 0-1, r_l = m for stages 2-3 except r_o = 1 under `inner` accumulation (o = the
+outermost level of size > 1: the slow link carries the gradient once per step); stage 3 adds, over level
+l, (s_l-1)/s_l * 2m M / P_l (forward gather, backward re-gather; with hpZ at level h the backward gathers
+skip levels > h); stages 1-2 add (s_l-1)/s_l * M / P_l (gather of the updated parameters); stage 0 is an
+all-reduce of Mg over the dp group. qwZ replaces M by the packed int8 size, qgZ the outermost level's Mg
+share by an all-to-all of the packed gradient shard (see quant.py). With pipeline schedules
+(`reduce_gradients()`), stages 2-3 add one all-reduce of 4 bytes per unit over dp.
+
+Memory per rank (memory_bytes(); N = fp32 bytes of the padded model, S = N / G, a unit's full fp32
+gradient F_u, in flight = units receiving gradients plus at most prefetch_units + 1 reductions):
+grads = N (stage 0), N + S (stage 1), S + sum of the in-flight units' F_u (stages 2-3, `shard`), and
+for `inner` between a step's first and last micro-batch also N / P_o (the partials). qgZ adds its
+residual N / P_o. params = N in the param dtype (stages 0-2); stage 3: the shards (S in the param dtype)
++ the gathered units in flight (+ hpZ secondaries). optimizer = S (N for stage 0) + 2 x 4 bytes per own
+real element + the step scalars.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from typing import Callable, Iterable, Optional, Union
 
@@ -54,11 +75,12 @@ import torch
 from torch import nn
 
 from . import quant
-from .comm import AllReduceCast, ByteCounter, GatherChain, Group, ReduceChain, Topology
+from .comm import ByteCounter, GatherChain, Group, Topology
 from .config import ZeroConfig, default_level_names, dtypes_of, validate
 from .gather import FULL, ParamGatherMixin
 from .layout import FlatLayout, UnitSpec, default_units
 from .order import ReduceOrderMixin
+from .reduce import GradReduceMixin
 
 
 class _Unit:
@@ -67,7 +89,7 @@ class _Unit:
         self.name, self.kind = spec.name, spec.kind
         self.n_grad = sum(1 for s in layout.slots if s.param.requires_grad)
         self.flat = self.shard = self.master = self.grad_acc = self.grad_shard = None
-        self.secondary = self.ef = None
+        self.secondary = self.ef = self.partial = None
         self.state, self.pending, self.reduce = FULL, None, None
         self.ready, self.done = 0, False
 
@@ -87,7 +109,7 @@ def _predicate(spec, default: bool) -> Callable[[str], bool]:
     return lambda name: name in names
 
 
-class ZeroEngine(ParamGatherMixin, ReduceOrderMixin):
+class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin):
     """Data-parallel engine (ZeRO stages 0-3) around `model`; see the module docstring.
 
     cfg: ZeroConfig. optim_cfg: anything with lr, beta1/beta2 (or betas), eps, weight_decay, fused
@@ -230,73 +252,7 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin):
             h.remove()
         self._hooks = []
 
-    # ---------------------------------------------------------------- gradients
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Accumulate gradients locally (no reduction) for the micro-batches run inside."""
-        prev, self._sync = self._sync, False
-        try:
-            yield
-        finally:
-            self._sync = prev
-
-    def _launch_reduce(self, u: _Unit) -> None:
-        if u.grad_acc is None:
-            u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
-        if self.stage == 0:
-            u.reduce = AllReduceCast(self.topo.dp, u.grad_acc, self.reduce_dtype).start()
-        else:
-            x = u.grad_acc if self.reduce_dtype == torch.float32 else u.grad_acc.to(self.reduce_dtype)
-            u.reduce = ReduceChain(self.topo, x, self.qg_bits, self.cfg.quant_block_size, u.ef).start()
-        self._reducing.append(u)
-        while len(self._reducing) > max(1, self.cfg.prefetch_units + 1):
-            self._finish_reduce(self._reducing.popleft())
-
-    def _finish_reduce(self, u: _Unit) -> None:
-        r, u.reduce = u.reduce, None
-        if self.stage == 0:
-            r.finish()
-            return
-        u.grad_shard.add_(r.finish())
-        if u.ef is not None:
-            u.ef = r.ef  # the new residual (a new tensor: see ReduceChain)
-        if self.stage == 1:
-            u.grad_acc.zero_()
-        else:
-            u.grad_acc = None
-
-    def reduce_gradients(self) -> None:
-        """Reduce every unit's accumulated gradients now, for callers whose backwards ALL ran inside
-        `no_sync()` (a pipeline schedule runs several interleaved backwards per step, none of them the
-        last); same result as one synchronised backward. Then clip/step as usual. Gradients left in a
-        parameter's .grad (split weight backward, e.g. zero-bubble schedules, assigns .grad directly and
-        bypasses the post-accumulate hooks) are taken into the accumulators first."""
-        for u in reversed(self.units):  # rank-independent order
-            for s in u.layout.slots:
-                if s.param.grad is not None:
-                    if u.grad_acc is None:
-                        u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
-                    u.grad_acc[s.offset: s.offset + s.numel].add_(s.param.grad.reshape(-1))
-                    s.param.grad = None
-            if u.n_grad:
-                self._launch_reduce(u)
-        while self._reducing:
-            self._finish_reduce(self._reducing.popleft())
-        if self.tp is not None and self.tp.size > 1:
-            self._sum_partial_over_tp()
-
-    def _sum_partial_over_tp(self) -> None:
-        """Sum the reduced gradients of `tp_partial` parameters (e.g. sequence-parallel norm weights,
-        each tp rank holding the gradient of its sequence shard) over tp: one all-reduce of all pieces."""
-        parts = [(u, pc) for u, pc, _ in self._opt_pieces if self._tp_partial(pc.slot.name)]
-        if not parts:
-            return
-        grads = [(u.grad_acc if self.stage == 0 else u.grad_shard)[pc.lo: pc.hi] for u, pc in parts]
-        flat = torch.cat(grads)
-        self.tp.all_reduce(flat)
-        for g, x in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(x)
-
+    # ---------------------------------------------------------------- gradients (reduction: reduce.py)
     def full_grads(self) -> dict[str, torch.Tensor]:
         """{name: full reduced fp32 gradient} on every rank (collective over dp, not byte-counted); for
         tests and debugging, after the synchronised backward."""
@@ -360,6 +316,7 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for u in self.units:
+            u.partial = None
             if u.grad_shard is not None:
                 u.grad_shard.zero_()
             if u.grad_acc is not None:
@@ -389,12 +346,12 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin):
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds now: `params` (compute-dtype flat buffers while allocated, stage-3 shards,
-        hpZ secondaries), `grads` (fp32 accumulators, reduced shards, qgZ residuals), `optimizer` (fp32
-        master slices + AdamW state)."""
+        hpZ secondaries), `grads` (fp32 full accumulators, `inner`-accumulation partials, reduced shards,
+        qgZ residuals), `optimizer` (fp32 master slices + AdamW state). Formulas: module docstring."""
         def nb(t):
             return 0 if t is None else t.untyped_storage().nbytes()
         params = sum(nb(u.flat) + nb(u.shard) + nb(u.secondary) for u in self.units)
-        grads = sum(nb(u.grad_acc) + nb(u.grad_shard) + nb(u.ef) for u in self.units)
+        grads = sum(nb(u.grad_acc) + nb(u.partial) + nb(u.grad_shard) + nb(u.ef) for u in self.units)
         opt = sum(nb(u.master) for u in self.units) + sum(
             t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values()
             if isinstance(t, torch.Tensor))

@@ -106,6 +106,8 @@ class MoEZeroEngine:
         levels, names = edp_levels(dims)
         self.experts = ZeroEngine(model, _expert_zero_cfg(cfg, names), optim_cfg, levels=levels,
                                   dp_group=dims.group("edp"), level_names=names, units=expert_units, **common)
+        # One launch order for both engines' chain levels (comm.LaunchQueue: rank-independent across groups).
+        self.experts.topo.queue = self.dense.topo.queue
         self.ep_group = dims.group("ep")
         self.module = model
         # One optimizer: the experts' groups join the dense engine's AdamW, with the experts engine's

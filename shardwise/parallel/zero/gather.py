@@ -6,8 +6,10 @@ starts the next `prefetch_units` gathers, its forward hook frees it and puts a h
 gradient arrival re-gathers it for backward (from the hpZ secondary when there is one) and prefetches the
 previous units; the head (final norm + output) is gathered by the norm's pre-hook and freed after the
 model's forward, re-gathered when the loss's gradient arrives; the tied-embedding `outer` unit is
-gathered at the model's forward and kept until its gradients are done. A gather's outermost (slow)
-level runs asynchronously from the moment it is started; its inner levels run when it is needed.
+gathered at the model's forward and kept until its gradients are done. Every level of a gather runs
+asynchronously: it is queued when the gather starts, the outermost (slow) level first, and each next level
+is launched by the engine's hook points as soon as the previous one completed (comm.LaunchQueue);
+`_finish_gather` blocks only when the unit is about to run.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class ParamGatherMixin:
                 self._start_gather(self.units[i], backward)
 
     def _fwd_pre(self, u: _Unit) -> None:
+        self._advance()
         if _in_backward():  # activation recompute of this unit inside backward: gather, keep until grads done
             self._ensure(u, backward=True)
             return
@@ -100,6 +103,7 @@ class ParamGatherMixin:
 
     def _bwd_pre(self, u: _Unit) -> None:
         self._queue_final()
+        self._advance()
         self._close_after(u)  # before this unit's gathers: the reduction order must not depend on the batch
         self._ensure(u, backward=True)
         self._prefetch(u, -1, backward=True)

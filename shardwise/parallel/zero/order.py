@@ -25,8 +25,13 @@ the loss to unit i's output, and autograd runs AccumulateGrad nodes first among 
 i+1's gradients of this backward have all been accumulated when unit i's output gradient is complete. A
 gradient arriving for a closed unit would break that assumption; it raises instead of being lost.
 Stages 0-2 gather nothing in backward; there the order alone suffices (a rank missing a gradient only
-delays its reductions to the end of backward). Under `no_sync()` nothing is reduced, units close when
-complete or at the end of backward (stage 3 then frees them), as before.
+delays its reductions to the end of backward). Stages 2-3 reduce inside `no_sync()` too (reduce.py), so
+the same rules hold there, every backward of the step; stages 0-1 reduce nothing inside `no_sync()`
+(units then close when complete or at the end of backward).
+
+The chains' later levels are launched by comm.LaunchQueue in the order the chains were started, which
+these rules make rank-independent; the engine advances that queue (non-blocking) from every gradient hook
+and, in gather.py, from the forward and backward pre-hooks.
 """
 from __future__ import annotations
 
@@ -42,10 +47,11 @@ if TYPE_CHECKING:
 
 
 class ReduceOrderMixin:
-    """Methods of ZeroEngine (uses its units, _slot_of, _sync, stage, device, _launch_reduce, _finish_reduce,
-    _free, _sum_partial_over_tp)."""
+    """Methods of ZeroEngine (uses its units, _slot_of, _sync, stage, device, and from reduce.py
+    _init_accum, _reduces_now, _launch_reduce, _finish_reduce, _advance, _sum_partial_over_tp; _free)."""
 
     def _init_order(self) -> None:
+        self._init_accum()
         self._order = [u for u in reversed(self.units) if u.n_grad]  # backward order
         self._next = 0  # self._order[:self._next] are launched in this backward
 
@@ -57,6 +63,7 @@ class ReduceOrderMixin:
     def _on_grad(self, p: nn.Parameter) -> None:
         u, s = self._slot_of[p]
         self._queue_final()
+        self._advance()
         if u.done:
             raise RuntimeError(
                 f"zero: the gradient of {s.name} arrived after unit {u.name!r} was closed in this backward (the "
@@ -74,7 +81,7 @@ class ReduceOrderMixin:
     def _unit_done(self, u: _Unit) -> None:
         """No more gradients of this backward will reach `u`."""
         u.ready, u.done = 0, True
-        if self._sync:
+        if self._reduces_now():
             self._launch_ready()
         if self.stage == 3 and u.state != FREE:
             self._free(u)
@@ -88,7 +95,7 @@ class ReduceOrderMixin:
 
     def _close_after(self, u: _Unit) -> None:
         """Stage 3, backward pre-hook of `u`: close every unit after `u` in forward order (see module doc)."""
-        if not self._sync:
+        if not self._reduces_now():
             return
         for v in self._order:
             if v.idx <= u.idx:
