@@ -4,7 +4,6 @@ single-process run (made without a limit). A rank that builds the whole model, o
 gradient, goes over the limit and is OOM-killed by the kernel (the harness then names the rank).
 
 Needs root and the cgroup v1 memory controller (shardwise/testing/cgroup.py); slow (~2 minutes)."""
-import tempfile
 from pathlib import Path
 
 import pytest

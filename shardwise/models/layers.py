@@ -6,7 +6,6 @@ parallel linears holding a slice of the heads without touching the forward code.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -9,6 +9,13 @@
     norm = engine.clip_grad_norm_(max_norm)
     engine.optimizer.step(); scheduler.step(); engine.zero_grad()   # or engine.step(lr)
 
+The engine is split by job, each a mixin over the same `Unit` objects (unit.py: one unit's buffers, which
+exist at which stage, and `Unit.optim_grad`, the one place that picks the gradient buffer the optimizer
+reads): parameter gathering and freeing (gather.py), gradient reduction (reduce.py) in a fixed unit order
+(order.py), the optimizer step, clipping and write-back (step.py), and state dicts (state.py). This file
+builds the units (materialising meta-device parameters one unit at a time) and registers the hooks. An
+offload tier or an outer optimizer replaces one job (step.py, say) without touching the others.
+
 Per unit (a transformer block; the embedding; the final norm + head; or, with tied embeddings, one unit
 for all root parameters) the engine keeps: `flat` (compute dtype, padded to a multiple of the dp size G;
 the model's parameters are views into it; stage 3 frees its storage between uses), `shard` (stage 3:
@@ -77,21 +84,12 @@ from torch import nn
 from . import quant
 from .comm import ByteCounter, GatherChain, Group, Topology
 from .config import ZeroConfig, default_level_names, dtypes_of, validate
-from .gather import FULL, ParamGatherMixin
+from .gather import ParamGatherMixin
 from .layout import FlatLayout, UnitSpec, default_units
 from .order import ReduceOrderMixin
 from .reduce import GradReduceMixin
-
-
-class _Unit:
-    def __init__(self, idx: int, spec: UnitSpec, layout: FlatLayout):
-        self.idx, self.spec, self.layout = idx, spec, layout
-        self.name, self.kind = spec.name, spec.kind
-        self.n_grad = sum(1 for s in layout.slots if s.param.requires_grad)
-        self.flat = self.shard = self.master = self.grad_acc = self.grad_shard = None
-        self.secondary = self.ef = self.partial = None
-        self.state, self.pending, self.reduce = FULL, None, None
-        self.ready, self.done = 0, False
+from .step import OptimizerStepMixin
+from .unit import Unit
 
 
 def _real_device(model: nn.Module) -> torch.device:
@@ -109,7 +107,7 @@ def _predicate(spec, default: bool) -> Callable[[str], bool]:
     return lambda name: name in names
 
 
-class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin):
+class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerStepMixin):
     """Data-parallel engine (ZeRO stages 0-3) around `model`; see the module docstring.
 
     cfg: ZeroConfig. optim_cfg: anything with lr, beta1/beta2 (or betas), eps, weight_decay, fused
@@ -171,7 +169,7 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin):
         self._last_bytes = self.counter.snapshot()
 
         G, sharded = self.topo.dp_size, self.stage >= 1
-        self.units = [_Unit(i, s, FlatLayout.build(s.params, G, self.topo.shard_index, sharded))
+        self.units = [Unit(i, s, FlatLayout.build(s.params, G, self.topo.shard_index, sharded), self.stage)
                       for i, s in enumerate(units or default_units(model))]
         self._slot_of = {}
         for u in self.units:
@@ -181,7 +179,7 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin):
         self._register_hooks()
 
     # ---------------------------------------------------------------- setup
-    def _init_unit(self, u: _Unit) -> None:
+    def _init_unit(self, u: Unit) -> None:
         lay = u.layout
         full = lay.flatten_params(torch.float32, self.device, self._param_init)
         sl = slice(lay.shard_offset, lay.shard_offset + lay.shard_numel)
@@ -202,33 +200,6 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin):
             if big:
                 inner = self.topo.inner_product(big[-1] - 1) if big[-1] > 0 else 1
                 u.ef = torch.zeros(lay.padded // inner, dtype=torch.float32, device=self.device)
-
-    def _build_optimizer(self, oc) -> None:
-        decay, no_decay = [], []
-        self._opt_pieces = []  # (unit, piece, master view)
-        for u in self.units:
-            grads = u.grad_acc if self.stage == 0 else u.grad_shard
-            for pc in u.layout.pieces:
-                if not pc.slot.param.requires_grad:
-                    continue
-                v = u.master[pc.lo: pc.hi]
-                v.grad = grads[pc.lo: pc.hi]
-                (decay if pc.slot.decay else no_decay).append(v)
-                self._opt_pieces.append((u, pc, v))
-        fused = oc.fused if getattr(oc, "fused", None) is not None else self.device.type in ("cpu", "cuda")
-        betas = (oc.beta1, oc.beta2) if hasattr(oc, "beta1") else tuple(oc.betas)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=oc.lr, betas=betas, eps=oc.eps, fused=fused)
-        self._hooks.append(self.optimizer.register_step_pre_hook(lambda *a: self._attach_grads()))
-        self._hooks.append(self.optimizer.register_step_post_hook(lambda *a: self._after_step()))
-
-    def _attach_grads(self) -> None:
-        """The master views' .grad are views of the reduced gradient buffers; re-attach them in case
-        someone called optimizer.zero_grad() (which sets them to None)."""
-        for u, pc, v in self._opt_pieces:
-            if v.grad is None:
-                v.grad = (u.grad_acc if self.stage == 0 else u.grad_shard)[pc.lo: pc.hi]
 
     def _register_hooks(self) -> None:
         m, H = self.module, self._hooks
@@ -261,71 +232,13 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin):
         self.topo.set_accounting(False)
         try:
             for u in self.units:
-                g = u.grad_acc if self.stage == 0 else GatherChain(
-                    self.topo, u.grad_shard, list(range(k - 1, -1, -1)), None).finish()
+                g = u.optim_grad if self.stage == 0 else GatherChain(
+                    self.topo, u.optim_grad, list(range(k - 1, -1, -1)), None).finish()
                 for s in u.layout.slots:
                     out[s.name] = g[s.offset: s.offset + s.numel].view(s.shape).clone()
         finally:
             self.topo.set_accounting(True)
         return out
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip to the global gradient norm over dp shards (and tp: tp-sharded parameters' squares summed
-        over tp, replicated ones counted once); same formula as torch.nn.utils.clip_grad_norm_. Call after
-        the last (synchronised) backward. Returns the total norm (fp32 scalar, identical on all ranks)."""
-        sq = torch.zeros(2, dtype=torch.float32, device=self.device)  # [tp-sharded, replicated]
-        for u, pc, v in self._opt_pieces:
-            sq[0 if not self._tp_rep(pc.slot.name) else 1] += v.grad.float().pow(2).sum()
-        if self.stage >= 1 and self.topo.dp_size > 1:
-            self.topo.dp.all_reduce(sq)
-        if self.tp is not None and self.tp.size > 1:
-            self.tp.all_reduce(sq[:1])
-        total = sq.sum().sqrt()
-        if max_norm > 0 and max_norm != float("inf"):
-            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            for u in self.units:
-                (u.grad_acc if self.stage == 0 else u.grad_shard).mul_(coef)
-        return total
-
-    # ---------------------------------------------------------------- optimizer step
-    def step(self, lr: Optional[float] = None) -> None:
-        """Optimizer step (optionally setting every group's lr first); `engine.optimizer.step()` is the
-        same (a step post-hook writes the new fp32 master weights back to the compute parameters)."""
-        if lr is not None:
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-        self.optimizer.step()
-
-    def _after_step(self) -> None:
-        if self.stage == 0:
-            for u in self.units:
-                u.flat.copy_(u.master)
-        elif self.stage in (1, 2):
-            k = len(self.topo.sizes)
-            chains = [(u, GatherChain(self.topo, u.master.to(self.param_dtype), list(range(k - 1, -1, -1)),
-                                      u.flat).start()) for u in self.units]
-            for u, ch in chains:
-                x = ch.finish()
-                if x.data_ptr() != u.flat.data_ptr():
-                    u.flat.copy_(x)
-        else:
-            for u in self.units:
-                u.shard.copy_(u.master)
-        self._last_bytes = self.counter.snapshot()
-        self.counter.reset()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for u in self.units:
-            u.partial = None
-            if u.grad_shard is not None:
-                u.grad_shard.zero_()
-            if u.grad_acc is not None:
-                if self.stage <= 1:
-                    u.grad_acc.zero_()
-                else:
-                    u.grad_acc = None
-        for p in self.module.parameters():
-            p.grad = None
 
     # ---------------------------------------------------------------- introspection
     def __call__(self, *args, **kwargs):

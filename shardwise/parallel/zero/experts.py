@@ -80,11 +80,6 @@ def _expert_zero_cfg(cfg: ZeroConfig, names: list[str]) -> ZeroConfig:
     return cfg
 
 
-def _scale_grads(engine: ZeroEngine, coef: torch.Tensor) -> None:
-    for u in engine.units:
-        (u.grad_acc if engine.stage == 0 else u.grad_shard).mul_(coef)
-
-
 class MoEZeroEngine:
     """A dense ZeroEngine (dp) and an experts ZeroEngine (edp) over one model; see the module docstring."""
 
@@ -163,8 +158,8 @@ class MoEZeroEngine:
         total = (dense.pow(2) + sq[0]).sqrt()
         if max_norm > 0 and max_norm != float("inf"):
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            _scale_grads(self.dense, coef)
-            _scale_grads(self.experts, coef)
+            self.dense.scale_grads_(coef)
+            self.experts.scale_grads_(coef)
         return total
 
     def step(self, lr: Optional[float] = None) -> None:

@@ -19,11 +19,10 @@ import torch
 
 from . import quant
 from .comm import GatherChain
+from .unit import FREE, FULL, PENDING  # noqa: F401 (FULL re-exported for callers of this module)
 
 if TYPE_CHECKING:
-    from .engine import _Unit
-
-FREE, PENDING, FULL = "free", "pending", "full"
+    from .unit import Unit
 
 
 def _in_backward() -> bool:
@@ -34,18 +33,18 @@ def _in_backward() -> bool:
 class ParamGatherMixin:
     """Methods of ZeroEngine (uses its units, topo, cfg, hpz, qw)."""
 
-    def _alloc(self, u: _Unit) -> None:
+    def _alloc(self, u: Unit) -> None:
         st = u.flat.untyped_storage()
         if st.nbytes() == 0:
             st.resize_(u.flat.numel() * u.flat.element_size())
 
-    def _free(self, u: _Unit) -> None:
+    def _free(self, u: Unit) -> None:
         if u.state == PENDING:
             self._finish_gather(u)
         u.flat.untyped_storage().resize_(0)
         u.state = FREE
 
-    def _start_gather(self, u: _Unit, backward: bool) -> None:
+    def _start_gather(self, u: Unit, backward: bool) -> None:
         if u.state != FREE:
             return
         self._alloc(u)
@@ -59,7 +58,7 @@ class ParamGatherMixin:
         u.pending = GatherChain(self.topo, src, levels, None if self.qw else u.flat, keep).start()
         u.state = PENDING
 
-    def _finish_gather(self, u: _Unit) -> None:
+    def _finish_gather(self, u: Unit) -> None:
         ch, u.pending = u.pending, None
         x = ch.finish()
         if self.qw:
@@ -72,19 +71,19 @@ class ParamGatherMixin:
             u.secondary = kept.clone() if kept.data_ptr() == u.flat.data_ptr() else kept
         u.state = FULL
 
-    def _ensure(self, u: _Unit, backward: bool) -> None:
+    def _ensure(self, u: Unit, backward: bool) -> None:
         if u.state == FREE:
             self._start_gather(u, backward)
         if u.state == PENDING:
             self._finish_gather(u)
 
-    def _prefetch(self, u: _Unit, step: int, backward: bool) -> None:
+    def _prefetch(self, u: Unit, step: int, backward: bool) -> None:
         for j in range(1, self.cfg.prefetch_units + 1):
             i = u.idx + step * j
             if 0 <= i < len(self.units):
                 self._start_gather(self.units[i], backward)
 
-    def _fwd_pre(self, u: _Unit) -> None:
+    def _fwd_pre(self, u: Unit) -> None:
         self._advance()
         if _in_backward():  # activation recompute of this unit inside backward: gather, keep until grads done
             self._ensure(u, backward=True)
@@ -92,7 +91,7 @@ class ParamGatherMixin:
         self._ensure(u, backward=False)
         self._prefetch(u, +1, backward=False)
 
-    def _fwd_post(self, u: _Unit, out) -> None:
+    def _fwd_post(self, u: Unit, out) -> None:
         if _in_backward():
             return
         if u.kind == "block" or u.kind == "embed":
@@ -101,7 +100,7 @@ class ParamGatherMixin:
         if isinstance(x, torch.Tensor) and x.requires_grad:
             x.register_hook(lambda g, u=u: self._bwd_pre(u))
 
-    def _bwd_pre(self, u: _Unit) -> None:
+    def _bwd_pre(self, u: Unit) -> None:
         self._queue_final()
         self._advance()
         self._close_after(u)  # before this unit's gathers: the reduction order must not depend on the batch

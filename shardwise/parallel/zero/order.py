@@ -43,7 +43,7 @@ from torch import nn
 from .gather import FREE
 
 if TYPE_CHECKING:
-    from .engine import _Unit
+    from .unit import Unit
 
 
 class ReduceOrderMixin:
@@ -70,15 +70,14 @@ class ReduceOrderMixin:
                 "backward had already reached the previous unit). The engine assumes a unit's parameters are used "
                 "only on the path to its output (shardwise/parallel/zero/order.py); group this parameter with "
                 "the unit that uses it (units=...)")
-        if u.grad_acc is None:
-            u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
+        u.new_grad_acc(self.device)
         u.grad_acc[s.offset: s.offset + s.numel].add_(p.grad.reshape(-1))
         p.grad = None
         u.ready += 1
         if u.ready == u.n_grad:
             self._unit_done(u)
 
-    def _unit_done(self, u: _Unit) -> None:
+    def _unit_done(self, u: Unit) -> None:
         """No more gradients of this backward will reach `u`."""
         u.ready, u.done = 0, True
         if self._reduces_now():
@@ -93,7 +92,7 @@ class ReduceOrderMixin:
             self._launch_reduce(self._order[self._next])
             self._next += 1
 
-    def _close_after(self, u: _Unit) -> None:
+    def _close_after(self, u: Unit) -> None:
         """Stage 3, backward pre-hook of `u`: close every unit after `u` in forward order (see module doc)."""
         if not self._reduces_now():
             return

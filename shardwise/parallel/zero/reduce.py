@@ -30,7 +30,7 @@ import torch
 from .comm import AllReduceCast, ReduceChain
 
 if TYPE_CHECKING:
-    from .engine import _Unit
+    from .unit import Unit
 
 
 class GradReduceMixin:
@@ -62,9 +62,8 @@ class GradReduceMixin:
         """Whether a closed unit's gradient is reduced in this backward."""
         return self._sync or self._accum != "full"
 
-    def _launch_reduce(self, u: _Unit) -> None:
-        if u.grad_acc is None:
-            u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
+    def _launch_reduce(self, u: Unit) -> None:
+        u.new_grad_acc(self.device)
         if self.stage == 0:
             u.reduce = AllReduceCast(self.topo.dp, u.grad_acc, self.reduce_dtype).start()
         else:
@@ -80,7 +79,7 @@ class GradReduceMixin:
         while len(self._reducing) > max(1, self.cfg.prefetch_units + 1):
             self._finish_reduce(self._reducing.popleft())
 
-    def _launch_partial_outer(self, u: _Unit) -> None:
+    def _launch_partial_outer(self, u: Unit) -> None:
         """`inner` mode, every backward of the step ran in no_sync: send u.partial over the outer level."""
         x = u.partial if self.reduce_dtype == torch.float32 else u.partial.to(self.reduce_dtype)
         ch = ReduceChain(self.topo, x, self.qg_bits, self.cfg.quant_block_size, u.ef, levels=[self._outer_level])
@@ -90,7 +89,7 @@ class GradReduceMixin:
         while len(self._reducing) > max(1, self.cfg.prefetch_units + 1):
             self._finish_reduce(self._reducing.popleft())
 
-    def _finish_reduce(self, u: _Unit) -> None:
+    def _finish_reduce(self, u: Unit) -> None:
         r, u.reduce = u.reduce, None
         if self.stage == 0:
             r.finish()
@@ -123,8 +122,7 @@ class GradReduceMixin:
         for u in self.units:
             for s in u.layout.slots:
                 if s.param.grad is not None:
-                    if u.grad_acc is None:
-                        u.grad_acc = torch.zeros(u.layout.padded, dtype=torch.float32, device=self.device)
+                    u.new_grad_acc(self.device)
                     u.grad_acc[s.offset: s.offset + s.numel].add_(s.param.grad.reshape(-1))
                     s.param.grad = None
         order = [u for u in reversed(self.units) if u.n_grad]  # rank-independent order
@@ -149,7 +147,7 @@ class GradReduceMixin:
         parts = [(u, pc) for u, pc, _ in self._opt_pieces if self._tp_partial(pc.slot.name)]
         if not parts:
             return
-        grads = [(u.grad_acc if self.stage == 0 else u.grad_shard)[pc.lo: pc.hi] for u, pc in parts]
+        grads = [u.optim_grad[pc.lo: pc.hi] for u, pc in parts]
         flat = torch.cat(grads)
         self.tp.all_reduce(flat)
         for g, x in zip(grads, flat.split([g.numel() for g in grads])):
