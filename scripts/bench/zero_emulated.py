@@ -27,7 +27,8 @@ time / DeepSpeed ZeRO-3's and / ZeRO++ hpZ's, and the best shardwise layout agai
 (<= 0.5 x ZeRO-3, <= 0.8 x ZeRO++).
 
     sudo nice -n 19 python scripts/bench/zero_emulated.py --rate 1gbit --steps 4 --skip 1 --repeats 1 --out bench_out
-    sudo python scripts/bench/zero_emulated.py --model recipe --variants flat,hier,zeropp --rate 100mbit --steps 12
+    # shardwise's layouts only, on the recipe's own model and batch (the docs/zero.md table before the peers)
+    sudo python scripts/bench/zero_emulated.py --model recipe --variants flat,hier,zeropp --rate 100mbit --steps 12 --repeats 2
 
 Not part of the unit suite.
 """
@@ -59,10 +60,12 @@ PEERS = {"deepspeed_zero3": ["--framework", "deepspeed"],
          "fsdp2": ["--framework", "fsdp2"]}
 DEFAULT_VARIANTS = [*LAYOUTS, "deepspeed_zero3", "deepspeed_hpz", "fsdp2_hsdp"]
 # Model presets (overrides on top of the recipe). dense100m: 8 blocks of d=1024 (MHA, SwiGLU 2816), vocab 320:
-# 103.4 M parameters (shardwise.models.count_parameters; stored in the JSON as extra.params).
+# 103.4 M parameters (shardwise.models.count_parameters; stored in the JSON as extra.params), with a small batch
+# (seq 64, one sequence per rank) so that a step on 2 CPU cores is seconds, not minutes.
 MODELS = {"recipe": [],
           "dense100m": ["model.hidden_size=1024", "model.num_layers=8", "model.num_heads=8", "model.num_kv_heads=8",
-                        "model.ffn_hidden_size=2816", "model.moe.num_experts=0"]}
+                        "model.ffn_hidden_size=2816", "model.moe.num_experts=0", "data.seq_len=64",
+                        "data.global_batch_size=4", "data.micro_batch_size=1"]}
 
 
 def common_overrides(a) -> list[str]:
@@ -119,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", default="100mbit", help="inter-node rate per direction")
     ap.add_argument("--recipe", default="tiny_moe_zero3")
     ap.add_argument("--model", choices=list(MODELS), default="dense100m", help="model preset on top of the recipe")
-    ap.add_argument("--seq", type=int, default=64, help="data.seq_len (none: the recipe's)")
-    ap.add_argument("--global-batch", type=int, default=4, help="data.global_batch_size")
-    ap.add_argument("--micro-batch", type=int, default=1, help="data.micro_batch_size")
+    ap.add_argument("--seq", type=int, default=None, help="data.seq_len (default: the preset's or recipe's)")
+    ap.add_argument("--global-batch", type=int, default=None, help="data.global_batch_size (default: preset/recipe)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="data.micro_batch_size (default: preset/recipe)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--skip", type=int, default=2, help="untimed first steps")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
