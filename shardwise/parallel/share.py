@@ -14,7 +14,7 @@ routed experts), u = the largest unit's elements (in flight while it is gathered
     stage 0: P + 4 grad + 4 master + 8 AdamW          per element
     stage 1: P + 4 grad + 12 / G
     stage 2: P + 16 / G                               + 4 u (one unit's fp32 gradient while it reduces)
-    stage 3: (P + 16) / G                             + (P + 4) u (one gathered unit and its gradient)
+    stage 3: (P + 16) / G, 16 / G for fp32            + (P + 4) u (one gathered unit and its gradient)
 
 Activations are not here (shardwise.parallel.moe_estimate gives a coarse figure); `trainer.memory_budget_gib`
 makes shardwise-validate refuse a layout whose model states alone exceed the budget.
@@ -49,7 +49,8 @@ class RankShare:
         P, s = self.param_bytes, self.stage
 
         def per_element(g: int) -> float:
-            return {0: P + 16.0, 1: P + 4.0 + 12.0 / g, 2: P + 16.0 / g, 3: (P + 16.0) / g}[s]
+            # stage 3 with fp32 parameters: the shard is the fp32 master slice itself (no P).
+            return {0: P + 16.0, 1: P + 4.0 + 12.0 / g, 2: P + 16.0 / g, 3: ((P if P != 4 else 0) + 16.0) / g}[s]
         flight = {0: 0.0, 1: 0.0, 2: 4.0, 3: P + 4.0}[s] * self.largest_unit
         return self.dense_elements * per_element(self.dp) + self.expert_elements * per_element(self.edp) + flight
 

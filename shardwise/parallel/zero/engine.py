@@ -69,8 +69,9 @@ Memory per rank (memory_bytes(); N = fp32 bytes of the padded model, S = N / G, 
 gradient F_u, in flight = units receiving gradients plus at most prefetch_units + 1 reductions):
 grads = N (stage 0), N + S (stage 1), S + sum of the in-flight units' F_u (stages 2-3, `shard`), and
 for `inner` between a step's first and last micro-batch also N / P_o (the partials). qgZ adds its
-residual N / P_o. params = N in the param dtype (stages 0-2); stage 3: the shards (S in the param dtype)
-+ the gathered units in flight (+ hpZ secondaries). optimizer = S (N for stage 0) + 2 x 4 bytes per own
+residual N / P_o. params = N in the param dtype (stages 0-2); stage 3: the shards (S in the param dtype;
+none with fp32 parameters, whose shard is the master slice itself) + the gathered units in flight (+ hpZ
+secondaries). optimizer = S (N for stage 0) + 2 x 4 bytes per own
 real element + the step scalars.
 """
 from __future__ import annotations
@@ -193,7 +194,9 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerS
         if self.stage >= 1:
             u.grad_shard = torch.zeros(lay.shard_numel, dtype=torch.float32, device=self.device)
         if self.stage == 3:
-            u.shard = u.flat[sl].clone()
+            # fp32 compute parameters: the shard IS the master slice, one buffer (as FSDP2 and DeepSpeed keep
+            # fp32 shards): 4 bytes per element over G less, and the optimizer's update is the next gather's input.
+            u.shard = u.master if self.param_dtype == torch.float32 else u.flat[sl].clone()
             self._free(u)
         if self.qg_bits and self.error_feedback:
             big = [l for l, s in enumerate(self.topo.sizes) if s > 1]
@@ -263,7 +266,7 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerS
         qgZ residuals), `optimizer` (fp32 master slices + AdamW state). Formulas: module docstring."""
         def nb(t):
             return 0 if t is None else t.untyped_storage().nbytes()
-        params = sum(nb(u.flat) + nb(u.shard) + nb(u.secondary) for u in self.units)
+        params = sum(nb(u.flat) + (0 if u.shard is u.master else nb(u.shard)) + nb(u.secondary) for u in self.units)
         grads = sum(nb(u.grad_acc) + nb(u.partial) + nb(u.grad_shard) + nb(u.ef) for u in self.units)
         opt = sum(nb(u.master) for u in self.units) + sum(
             t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values()

@@ -92,7 +92,8 @@ class OptimizerStepMixin:
                     u.flat.copy_(x)
         else:
             for u in self.units:
-                u.shard.copy_(u.master)
+                if u.shard is not u.master:  # fp32: one buffer already (engine._init_unit)
+                    u.shard.copy_(u.master)
         self._last_bytes = self.counter.snapshot()
         self.counter.reset()
 

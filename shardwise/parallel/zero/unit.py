@@ -6,7 +6,7 @@ Which buffer exists at which stage (G = dp size; sizes in elements of the unit's
 | field        | dtype   | stage 0      | stage 1      | stage 2-3                                     |
 |--------------|---------|--------------|--------------|-----------------------------------------------|
 | `flat`       | param   | N, always    | N, always    | N (stage 3: allocated only while gathered)     |
-| `shard`      | param   | -            | -            | stage 3: N / G, always                        |
+| `shard`      | param   | -            | -            | stage 3: N / G, always (fp32: `master` itself) |
 | `master`     | fp32    | N            | N / G        | N / G                                         |
 | `grad_acc`   | fp32    | N, always    | N, always    | N, from a backward's first gradient to its reduction |
 | `partial`    | fp32    | -            | -            | `inner` accumulation: N / P between micro-batches |
