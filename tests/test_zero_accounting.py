@@ -179,19 +179,21 @@ def test_memory_per_rank_matches_stage_formulas():
             "s0": (N, N, N + 2 * 4 * r["s0"]["pieces"] + 4 * r["s0"]["npieces"]),
             "s1": (N, N + S, opt_sharded),
             "s2": (N, S, opt_sharded),
-            "s3": (S, S, opt_sharded),
-            "s3-hpz": (S, S, opt_sharded),
+            # fp32 parameters: the stage-3 shard is the fp32 master slice itself, counted once (optimizer).
+            "s3": (0, S, opt_sharded),
+            "s3-hpz": (0, S, opt_sharded),
         }
         for key, (p, g, o) in expect.items():
             m = r[key]["after_step"]
             assert (m["params"], m["grads"], m["optimizer"]) == (p, g, o), (rank, key, m)
         # bf16 compute parameters: half the parameter bytes; fp32 gradients, masters and AdamW states unchanged.
-        for key in ("s1", "s3"):
+        # (stage 3: a bf16 shard of S/2 next to the fp32 master, where fp32 needs no separate shard.)
+        for key, want in (("s1", N // 2), ("s3", S // 2)):
             b, f = r[f"{key}-bf16"]["after_step"], r[key]["after_step"]
-            assert (b["params"], b["grads"], b["optimizer"]) == (f["params"] // 2, f["grads"], f["optimizer"]), (rank, key)
+            assert (b["params"], b["grads"], b["optimizer"]) == (want, f["grads"], f["optimizer"]), (rank, key)
         assert r["s3-bf16"]["after_forward"]["params"] == S // 2
-        assert r["s3"]["after_forward"]["params"] == S
+        assert r["s3"]["after_forward"]["params"] == 0
         # hpZ keeps each unit's secondary partition over the node level (size 2) between forward and backward.
-        assert r["s3-hpz"]["after_forward"]["params"] == S + N // 2
+        assert r["s3-hpz"]["after_forward"]["params"] == N // 2
         # ZeRO-3 optimizer state is 12 bytes per element over G ranks, up to the padding.
         assert abs(opt_sharded - 12 * sum(r["s0"]["padded"]) / 4) < 12 * len(r["s0"]["padded"]) * 4 + 4 * r["s1"]["npieces"]
