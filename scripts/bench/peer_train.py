@@ -36,7 +36,7 @@ Framework notes (DeepSpeed 0.19.8, torch 2.13 CPU, gloo):
   consecutive, as torchrun numbers them).
 * `lazy=True` (memory.py): FSDP2 builds on the meta device, shards, then `to_empty` + init of the local
   shards; DeepSpeed builds under `deepspeed.zero.Init` and inits the local partitions. The init rule is
-  shardwise's `init_weights` applied to the local pieces (same distribution, not the same values).
+  shardwise's init rule applied to the local pieces (same distribution, not the same values).
 """
 from __future__ import annotations
 
@@ -98,22 +98,20 @@ class DSLoss(nn.Module):
         return (ce * loss_mask.flatten().to(ce.dtype)).sum(), aux
 
 
-class _Named:
-    """Stand-in module for shardwise's init_weights: yields (name, tensor) pairs of local pieces."""
-
-    def __init__(self, pairs):
-        self.pairs = pairs
-
-    def named_parameters(self):
-        return iter(self.pairs)
-
-
 @torch.no_grad()
 def init_local_pieces(model: nn.Module, mcfg, piece) -> None:
-    """shardwise.models.layers.init_weights on what `piece(param)` returns (this rank's shard, shaped
-    so that its dim() is the full parameter's), so both use one rule."""
-    from shardwise.models.layers import init_weights
-    init_weights(_Named([(n, piece(p)) for n, p in model.named_parameters()]), mcfg.init_std, mcfg.num_layers)
+    """shardwise's init rule (shardwise.models.init: ones for 1-D parameters, N(0, init_std(name))
+    otherwise) on what `piece(param)` returns (this rank's shard, shaped so that its dim() is the full
+    parameter's): the same distribution, not the same values."""
+    from shardwise.models.init import init_std
+    for name, p in model.named_parameters():
+        t = piece(p)
+        if t.numel() == 0:
+            continue
+        if t.dim() == 1:
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, init_std(name, mcfg))
 
 
 def _fresh_rope(model: nn.Module, mcfg) -> None:
@@ -190,7 +188,7 @@ class PeerJob:
             if lazy:
                 with deepspeed.zero.Init(config_dict_or_path=conf):
                     model = Transformer(mc)
-                # Partitions are flat: shape each as 2-D for matrices so init_weights picks the same rule.
+                # Partitions are flat: shape each as 2-D for matrices so the init rule sees the parameter's dim().
                 init_local_pieces(model, mc, lambda p: p.ds_tensor.view(1, -1) if len(p.ds_shape) >= 2 else p.ds_tensor)
                 dims = [(p, len(p.ds_shape)) for p in model.parameters()]
             else:
