@@ -45,9 +45,9 @@ log = logging.getLogger("shardwise")
 
 
 def _rank_size(group) -> tuple[int, int]:
-    """(this rank's index, size) of `group`; (0, 1) without one. The same index the tp/ep splits use."""
-    import torch.distributed as dist
-    return (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    """(this rank's index, size) of `group`; (0, 1) without one: the index the tp/ep splits use."""
+    from ..parallel.tensor_parallel import _rank, _size
+    return _rank(group), _size(group)
 
 
 def seed_everything(seed: int) -> None:

@@ -67,7 +67,7 @@ class GradReduceMixin:
         if self.stage == 0:
             u.reduce = AllReduceCast(self.topo.dp, u.grad_acc, self.reduce_dtype).start()
         else:
-            x = u.grad_acc if self.reduce_dtype == torch.float32 else u.grad_acc.to(self.reduce_dtype)
+            x = u.grad_acc.to(self.reduce_dtype)  # the accumulator itself when it is fp32
             if self._accum == "inner" and not self._sync:
                 ch = ReduceChain(self.topo, x, levels=self._inner_levels)
                 ch.partial = True
@@ -75,16 +75,18 @@ class GradReduceMixin:
                 ch = ReduceChain(self.topo, x, self.qg_bits, self.cfg.quant_block_size, u.ef, carry=u.partial)
                 ch.partial = False
             u.reduce = ch.start()
-        self._reducing.append(u)
-        while len(self._reducing) > max(1, self.cfg.prefetch_units + 1):
-            self._finish_reduce(self._reducing.popleft())
+        self._track(u)
 
     def _launch_partial_outer(self, u: Unit) -> None:
         """`inner` mode, every backward of the step ran in no_sync: send u.partial over the outer level."""
-        x = u.partial if self.reduce_dtype == torch.float32 else u.partial.to(self.reduce_dtype)
-        ch = ReduceChain(self.topo, x, self.qg_bits, self.cfg.quant_block_size, u.ef, levels=[self._outer_level])
+        ch = ReduceChain(self.topo, u.partial.to(self.reduce_dtype), self.qg_bits, self.cfg.quant_block_size, u.ef,
+                         levels=[self._outer_level])
         ch.partial = False
         u.reduce = ch.start()
+        self._track(u)
+
+    def _track(self, u: Unit) -> None:
+        """`u`'s reduction is in flight: finish the oldest ones beyond prefetch_units + 1 (the memory bound)."""
         self._reducing.append(u)
         while len(self._reducing) > max(1, self.cfg.prefetch_units + 1):
             self._finish_reduce(self._reducing.popleft())
