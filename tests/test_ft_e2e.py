@@ -21,6 +21,7 @@ left in /dev/shm.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,20 +60,43 @@ REFS = {"zero3_rank": "zero3", "zero3_copy": "zero3", "node_loss": "node_loss", 
         "durable": "durable"}  # reference run per case
 
 
+# torchrun (with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which the launcher sets for --max-restarts) picks the
+# workers' MASTER_PORT by binding port 0 and releasing it; with ~10 jobs starting at once on this machine
+# another job's gloo socket can take that port first, and rank 0's store then fails with EADDRINUSE before
+# any step, spending the job's one restart on it. That is a port race of the test machine, not a recovery
+# failure: such a job is relaunched from scratch (once), never a job that reached a step.
+PORT_RACE = "EADDRINUSE"
+
+
 class Job:
     def __init__(self, tmp: Path, name: str, nproc: int, overrides: list, env: dict):
-        self.name, self.run_dir, self.job = name, tmp / name, "t" + uuid.uuid4().hex[:12]
-        full_env = {**os.environ, "SHARDWISE_FT_JOB_ID": self.job, "SHARDWISE_SAVE_FINAL_STATE": "1",
-                    "OMP_NUM_THREADS": "1", **env}
+        self.name, self.run_dir, self.tmp = name, tmp / name, tmp
+        full_env = {**os.environ, "SHARDWISE_SAVE_FINAL_STATE": "1", "OMP_NUM_THREADS": "1", **env}
         for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHARDWISE_FT_SMPS",
                   "SHARDWISE_FT_SECRET"):
             full_env.pop(k, None)
         cmd = [sys.executable, "-m", "shardwise.launch", f"--nproc-per-node={nproc}", "--max-restarts=1",
                *COMMON, f"data.cache_dir={tmp / 'cache'}", *[o.format(run_dir=self.run_dir) for o in overrides],
                f"run_dir={self.run_dir}"]
-        self.log = open(tmp / f"{name}.log", "w+")
-        self.proc = subprocess.Popen(cmd, cwd=tmp, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self._start(cmd, full_env)
+
+    def _start(self, cmd: list, env: dict) -> None:
+        self.cmd, self.env, self.job = cmd, env, "t" + uuid.uuid4().hex[:12]
+        self.log = open(self.tmp / f"{self.name}.log", "w+")
+        self.proc = subprocess.Popen(cmd, cwd=self.tmp, env={**env, "SHARDWISE_FT_JOB_ID": self.job},
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def relaunch_after_port_race(self) -> bool:
+        """Start the job again from scratch if its first incarnation lost torchrun's port race (see PORT_RACE)
+        before writing any metrics; True if it did."""
+        if PORT_RACE not in self.output or (self.run_dir / "metrics.jsonl").exists():
+            return False
+        self.kill()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(f"{self.run_dir}_ckpt", ignore_errors=True)
+        os.replace(self.tmp / f"{self.name}.log", self.tmp / f"{self.name}.port_race.log")
+        self._start(self.cmd, self.env)
+        return True
 
     def finish(self, deadline: float) -> None:
         try:
@@ -112,19 +136,29 @@ class SlurmJob(Job):
     def __init__(self, tmp: Path):
         from shardwise.testing import free_port
         from shardwise.testing.slurm import stand_in_slurm
-        self.name, self.job = "slurm", "t" + uuid.uuid4().hex[:12]
-        self.run_dir = tmp / "slurm_run"
+        self.name, self.run_dir = "slurm", tmp / "slurm_run"
         env = {**stand_in_slurm(tmp / "bin"), "MASTER_PORT": str(free_port()),
                "SMP_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "MAX_RESTARTS": "1",
-               "SHARDWISE_FT_JOB_ID": self.job, "RUN_DIR": str(self.run_dir), "SHARDWISE_SAVE_FINAL_STATE": "1"}
+               "RUN_DIR": str(self.run_dir), "SHARDWISE_SAVE_FINAL_STATE": "1"}
         for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SHARDWISE_FT_SMPS", "SHARDWISE_FT_SECRET"):
             env.pop(k, None)
         cmd = ["bash", str(ROOT / "scripts/slurm/train.sbatch"), "recipe=tiny_dense", *COMMON,
                f"data.cache_dir={tmp / 'cache'}", "fault_tolerance.ec_parity=0",
                "fault_tolerance.inject.kill_rank=1", f"fault_tolerance.inject.kill_step={KILL}"]
-        self.log = open(tmp / "slurm.log", "w+")
-        self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.tmp = tmp
+        self._start(cmd, env)
+
+
+def _finish_all(jobs: list, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for j in jobs:
+        j.finish(deadline)
+    again = [j for j in jobs if j.relaunch_after_port_race()]
+    if again:
+        print(f"relaunched after torchrun's port race: {[j.name for j in again]}")
+        deadline = time.monotonic() + seconds
+        for j in again:
+            j.finish(deadline)
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +170,7 @@ def runs(tmp_path_factory):
         for ref, case in (("zero3", "zero3_rank"), ("node_loss", "node_loss"), ("tp2", "tp2"), ("durable", "durable")):
             nproc, over, _, _ = CASES[case]
             jobs["ref_" + ref] = Job(tmp, "ref_" + ref, nproc, over, {})
-        deadline = time.monotonic() + 240
-        for j in list(jobs.values()):
-            j.finish(deadline)
+        _finish_all(list(jobs.values()), 240)
         for case, (nproc, over, fault, env) in CASES.items():
             jobs[case] = Job(tmp, case, nproc, over + fault, env)
         jobs["slurm"] = SlurmJob(tmp)
@@ -146,9 +178,7 @@ def runs(tmp_path_factory):
         jobs["smp_only"] = Job(tmp, "smp_only", nproc, over + [
             "fault_tolerance.inject.kill_node=1", "fault_tolerance.inject.target=smp",
             f"fault_tolerance.inject.kill_step={KILL}"], {})
-        deadline = time.monotonic() + 300
-        for case in [*CASES, "slurm", "smp_only"]:
-            jobs[case].finish(deadline)
+        _finish_all([jobs[case] for case in [*CASES, "slurm", "smp_only"]], 300)
         yield jobs
     finally:
         for j in jobs.values():
