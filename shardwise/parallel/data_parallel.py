@@ -17,7 +17,7 @@ LEVEL_NAMES = ["pair", "node", "inter"]  # what zero.secondary_partition_level n
 
 
 def build_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConfig, optim_cfg,
-                        device: torch.device, param_init=None):
+                        device: torch.device, param_init=None, offload=None, rank: int = 0):
     """Wrap the (tensor-parallel) `model` of this rank in the ZeRO engine over dims' dp levels; with
     expert parallel (dims.ep > 1) in a MoEZeroEngine, whose routed experts are reduced over the
     expert-data-parallel group only (shardwise.parallel.zero.experts).
@@ -27,10 +27,11 @@ def build_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConf
     (`sequence_parallel`) hold partial gradients that the engine sums over tp after the dp reduction.
     The engine's param/reduce dtypes come from `zero_cfg` (the trainer resolves `auto` from trainer.precision).
     param_init: values for meta-device parameters (shardwise.models.init.ParamInit), materialised unit by unit.
+    offload: shardwise.offload.OffloadConfig (None = no tier); rank: this process's global rank (swap files).
     """
     if dims.ep > 1:
         from .zero.experts import build_expert_data_parallel
-        return build_expert_data_parallel(model, dims, zero_cfg, optim_cfg, device, param_init)
+        return build_expert_data_parallel(model, dims, zero_cfg, optim_cfg, device, param_init, offload=offload, rank=rank)
     # Without a process group (one process) every group is None and every level has size 1.
     levels = [dims.group(name) for name in DP_LEVELS]
     named = list(model.named_parameters())
@@ -39,4 +40,4 @@ def build_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConf
     return ZeroEngine(model, zero_cfg, optim_cfg, levels=levels, dp_group=dims.group("dp"),
                       ranks_per_node=dims.ranks_per_node, device=device, tp_group=dims.group("tp"),
                       tp_replicated=tp_replicated, tp_partial=tp_partial, level_names=LEVEL_NAMES,
-                      param_init=param_init)
+                      param_init=param_init, offload=offload, rank=rank)

@@ -30,7 +30,8 @@ class PipelineStep:
                               "parallel.microbatches to null or change data.micro_batch_size")
         self.model, self.dims, self.pp_group = model, dims, dims.group("pp")
         zero = resolve_precision(cfg.zero, cfg.trainer.precision)  # a no-op on the Trainer's resolved config
-        self.engine = build_pipeline_data_parallel(model, dims, zero, cfg.optim, device, param_init=param_init)
+        self.engine = build_pipeline_data_parallel(model, dims, zero, cfg.optim, device, param_init=param_init,
+                                                   offload=cfg.offload, rank=dims.rank)
         # Stage boundaries carry the residual stream: in the parameter dtype (bf16 parameters make it bf16; fp32
         # parameters under autocast keep it fp32, since the embedding and the residual adds stay fp32).
         self.runner = PipelineRunner(model, self.engine, self.pp_group, p.pp_schedule, micro, d.micro_batch_size,

@@ -90,7 +90,8 @@ class Trainer:
             self.pipeline = PipelineStep(self.model, self.dims, cfg, env.device, param_init)
             self.engine = self.pipeline.engine
         else:
-            self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device, param_init)
+            self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device, param_init,
+                                              offload=cfg.offload, rank=env.rank)
         self.raw_model = self.engine.module
         # Auxiliary-loss-free balancing (model.moe.bias_update_rate > 0): the rows of the step's per-MoE-layer
         # count table that this rank's MoE layers update (a pipeline stage holds some of them).
@@ -248,7 +249,20 @@ class Trainer:
         m.update({f"comm_bytes.{k}": v for k, v in self.engine.comm_bytes().items()})
         if self.pipeline is not None:
             m.update(self.pipeline.metrics())  # pp_bubble_mean / pp_bubble_max
+        m.update(self._offload_metrics())
         return m
+
+    def _offload_metrics(self) -> dict[str, float]:
+        """This rank's NVMe read/write rate during the step (bytes over the time any request was in flight)."""
+        now = self.engine.offload_stats()
+        if not now:
+            return {}
+        last, self._io_last = getattr(self, "_io_last", {}), now
+
+        def rate(b, t):
+            db, dt = now.get(b, 0) - last.get(b, 0), now.get(t, 0) - last.get(t, 0)
+            return db / dt / 1e9 if dt > 0 else 0.0
+        return {"offload_read_gbps": rate("bytes_read", "read_s"), "offload_write_gbps": rate("bytes_written", "write_s")}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model state dict (fp32 master weights gathered over dp, then tp-sharded
@@ -300,4 +314,5 @@ class Trainer:
                 self.checkpointer.close()  # waits for the checkpoint save in flight
         from ..fault_tolerance.trainer_hooks import maybe_save_final_state
         maybe_save_final_state(self)  # $SHARDWISE_SAVE_FINAL_STATE=1: <run_dir>/final_state.pt (tests)
+        self.engine.close()  # the offload tier's swap files
         return history

@@ -194,6 +194,20 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
             problems.append(f"zero.secondary_partition_level={cfg.zero.secondary_partition_level}: that level has "
                             "one rank here (set parallel.dp_pair/dp_node), so hpZ would keep a full copy")
 
+    from ..offload.config import validate as validate_offload
+
+    problems += validate_offload(cfg.offload, cfg.zero.stage)
+    nv = cfg.offload.nvme_path
+    if nv and "nvme" in (cfg.offload.optimizer, cfg.offload.params):
+        # Existence and writability now (the launcher, before any process starts); free space against the
+        # planned bytes is checked by each rank's swap space before anything is written.
+        import os
+        if not os.path.isdir(nv):
+            problems.append(f"offload.nvme_path={nv!r} does not exist or is not a directory: create it (on a fast "
+                            "local disk) or point offload.nvme_path at one")
+        elif not os.access(nv, os.W_OK | os.X_OK):
+            problems.append(f"offload.nvme_path={nv!r} is not writable: fix its permissions or choose another directory")
+
     from ..fault_tolerance.config import validate_ft
 
     # Nodes for the erasure-coding groups: parallel.ranks_per_node, else (launcher) one node per job here;

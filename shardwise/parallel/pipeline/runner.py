@@ -174,15 +174,13 @@ class PipelineRunner:
         total = sq.sqrt().to(torch.float32)[0]
         if max_norm > 0 and max_norm != float("inf"):
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            for g in self.engine.optimizer.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+            self.engine.scale_grads_(coef)  # every gradient the optimizer reads (also offloaded ones)
         return total
 
 
 def build_pipeline_data_parallel(pmodel: PipelineModel, dims, zero_cfg, optim_cfg, device,
-                                 param_dtype: Optional[torch.dtype] = None, param_init=None):
+                                 param_dtype: Optional[torch.dtype] = None, param_init=None, offload=None,
+                                 rank: int = 0):
     """The ZeRO engine over this pp rank's chunks (units: embedding / blocks / head of its stages), over the
     dp levels of `dims`, as shardwise.parallel.data_parallel.build_data_parallel does for the whole model
     (a MoEZeroEngine with expert parallel)."""
@@ -190,7 +188,9 @@ def build_pipeline_data_parallel(pmodel: PipelineModel, dims, zero_cfg, optim_cf
     from ..mesh import DP_LEVELS
     from ..zero import ZeroEngine
 
-    kw = {"param_init": param_init} if param_dtype is None else {"param_dtype": param_dtype, "param_init": param_init}
+    kw = {"param_init": param_init, "offload": offload, "rank": rank}
+    if param_dtype is not None:
+        kw["param_dtype"] = param_dtype
     if dims.ep > 1:  # routed experts over the expert-data-parallel group, the rest over dp
         from ..zero.experts import MoEZeroEngine
         return MoEZeroEngine(pmodel, zero_cfg, optim_cfg, dims, device=device, units=pmodel.zero_units(), **kw)

@@ -138,13 +138,17 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerS
                  tp_partial: Union[None, Iterable[str], Callable[[str], bool]] = None,
                  level_names: Optional[list[str]] = None, param_dtype: Optional[torch.dtype] = None,
                  reduce_dtype: Optional[torch.dtype] = None, units: Optional[list[UnitSpec]] = None,
-                 param_init: Optional[Callable[[str, nn.Parameter], torch.Tensor]] = None):
+                 param_init: Optional[Callable[[str, nn.Parameter], torch.Tensor]] = None,
+                 offload=None, offload_name: str = "dense", rank: int = 0):
         levels = list(levels) if levels else [dp_group]
         names = level_names or default_level_names(len(levels))
         self.counter = ByteCounter()
         self.topo = Topology(levels, dp_group if dp_group is not None else levels[0] if len(levels) == 1 else None,
                              ranks_per_node, names, self.counter)
         problems = validate(cfg, self.topo.sizes, names)
+        if offload is not None:
+            from ...offload.config import validate as validate_offload
+            problems += validate_offload(offload, cfg.stage)
         pd, rd = param_dtype or dtypes_of(cfg)[0], reduce_dtype or dtypes_of(cfg)[1]
         if torch.float16 in (pd, rd):
             problems.append("fp16 parameters/gradients need loss scaling, which the engine does not do: use bf16")
@@ -173,6 +177,12 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerS
         self.units = [Unit(i, s, FlatLayout.build(s.params, G, self.topo.shard_index, sharded), self.stage)
                       for i, s in enumerate(units or default_units(model))]
         self._slot_of = {}
+        # The offload tier (shardwise.offload; None = every state on the device) plans its sub-groups and
+        # swap files from the units' layouts before any unit is materialised.
+        self.tier = None
+        if offload is not None and offload.optimizer != "none":
+            from ...offload.tier import OffloadTier
+            self.tier = OffloadTier(self, offload, offload_name, rank)
         for u in self.units:
             self._init_unit(u)
         self._init_order()
@@ -184,19 +194,28 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerS
         lay = u.layout
         full = lay.flatten_params(torch.float32, self.device, self._param_init)
         sl = slice(lay.shard_offset, lay.shard_offset + lay.shard_numel)
-        u.master = full[sl].clone()  # from the fp32 init, not from its bf16 rounding
+        # From the fp32 init, not from its bf16 rounding; with an offload tier on the host or in its swap files.
+        u.master = full[sl].clone() if self.tier is None else self.tier.init_unit(u, full[sl])
         u.flat = full if self.param_dtype == torch.float32 else full.to(self.param_dtype)
         lay.view_params(u.flat)
         for s in lay.slots:
             self._slot_of[s.param] = (u, s)
         if self.stage <= 1:
             u.grad_acc = torch.zeros(lay.padded, dtype=torch.float32, device=self.device)
-        if self.stage >= 1:
+        if self.stage >= 1 and not (self.tier is not None and self.tier.grads_out):
             u.grad_shard = torch.zeros(lay.shard_numel, dtype=torch.float32, device=self.device)
         if self.stage == 3:
             # fp32 compute parameters: the shard IS the master slice, one buffer (as FSDP2 and DeepSpeed keep
             # fp32 shards): 4 bytes per element over G less, and the optimizer's update is the next gather's input.
-            u.shard = u.master if self.param_dtype == torch.float32 else u.flat[sl].clone()
+            # Offloaded: the same holds for host masters on a CPU device; on NVMe (offload.params=nvme) there is
+            # no resident shard (read ahead of each gather); else a separate shard where the parameters live.
+            if self.tier is not None and self.tier.params_nvme:
+                u.shard = None
+            elif self.param_dtype == torch.float32 and u.master is not None and u.master.device == self.device:
+                u.shard = u.master
+            else:
+                home = self.device if self.tier is None or self.tier.cfg.params == "none" else torch.device("cpu")
+                u.shard = u.flat[sl].to(home, copy=True)
             self._free(u)
         if self.qg_bits and self.error_feedback:
             big = [l for l, s in enumerate(self.topo.sizes) if s > 1]
@@ -230,6 +249,9 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerS
     def full_grads(self) -> dict[str, torch.Tensor]:
         """{name: full reduced fp32 gradient} on every rank (collective over dp, not byte-counted); for
         tests and debugging, after the synchronised backward."""
+        if self.tier is not None and self.tier.grads_out:
+            raise RuntimeError("full_grads: with offload.optimizer=nvme at stages 2-3 the reduced gradients are in the "
+                               "swap files, not in memory")
         out = {}
         k = len(self.topo.sizes)
         self.topo.set_accounting(False)
@@ -270,8 +292,17 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerS
         grads = sum(nb(u.grad_acc) + nb(u.partial) + nb(u.grad_shard) + nb(u.ef) for u in self.units)
         opt = sum(nb(u.master) for u in self.units) + sum(
             t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values()
-            if isinstance(t, torch.Tensor))
+            if isinstance(t, torch.Tensor)) + (self.tier.memory_bytes() if self.tier is not None else 0)
         return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
+
+    def offload_stats(self) -> dict[str, float]:
+        """Cumulative I/O of the NVMe tier (bytes_read, bytes_written, read_s, write_s); empty without one."""
+        return self.tier.io_stats() if self.tier is not None else {}
+
+    def close(self) -> None:
+        """Release the offload tier (drain its I/O, remove its swap files)."""
+        if self.tier is not None:
+            self.tier.close()
 
     def sharded_state_dict(self) -> dict:
         from .state import sharded_state_dict

@@ -86,7 +86,7 @@ class MoEZeroEngine:
     def __init__(self, model: nn.Module, cfg: ZeroConfig, optim_cfg, dims: ParallelDims,
                  device: Optional[torch.device] = None, param_dtype: Optional[torch.dtype] = None,
                  reduce_dtype: Optional[torch.dtype] = None, units: Optional[list[UnitSpec]] = None,
-                 param_init=None):
+                 param_init=None, offload=None, rank: int = 0, offload_name: str = ""):
         dense_units, expert_units = split_units(model, units)
         if not expert_units:
             raise ValueError("MoEZeroEngine: the model has no routed experts (model.moe.num_experts = 0)")
@@ -95,12 +95,14 @@ class MoEZeroEngine:
         tp_partial = {n for n, p in named if getattr(p, "sequence_parallel", False)}
         common = dict(ranks_per_node=dims.ranks_per_node, device=device, tp_group=dims.group("tp"),
                       tp_replicated=tp_replicated, tp_partial=tp_partial, param_dtype=param_dtype,
-                      reduce_dtype=reduce_dtype, param_init=param_init)
+                      reduce_dtype=reduce_dtype, param_init=param_init, offload=offload, rank=rank)
         self.dense = ZeroEngine(model, cfg, optim_cfg, levels=[dims.group(n) for n in DP_LEVELS],
-                                dp_group=dims.group("dp"), level_names=LEVEL_NAMES, units=dense_units, **common)
+                                dp_group=dims.group("dp"), level_names=LEVEL_NAMES, units=dense_units,
+                                offload_name=offload_name + "dense", **common)
         levels, names = edp_levels(dims)
         self.experts = ZeroEngine(model, _expert_zero_cfg(cfg, names), optim_cfg, levels=levels,
-                                  dp_group=dims.group("edp"), level_names=names, units=expert_units, **common)
+                                  dp_group=dims.group("edp"), level_names=names, units=expert_units,
+                                  offload_name=offload_name + "experts", **common)
         # One launch order for both engines' chain levels (comm.LaunchQueue: rank-independent across groups).
         self.experts.topo.queue = self.dense.topo.queue
         self.ep_group = dims.group("ep")
@@ -108,10 +110,13 @@ class MoEZeroEngine:
         # One optimizer: the experts' groups join the dense engine's AdamW, with the experts engine's
         # step hooks (re-attach gradient views before, write the new masters to the parameters after).
         opt = self.dense.optimizer
-        for g in self.experts.optimizer.param_groups:
-            if g["params"]:
-                opt.add_param_group(dict(g))
-        opt.register_step_pre_hook(lambda *a: self.experts._attach_grads())
+        if self.dense.tier is not None:  # offloaded: the dense TieredAdamW steps the experts' tier too
+            opt.add_tier(self.experts.optimizer)
+        else:
+            for g in self.experts.optimizer.param_groups:
+                if g["params"]:
+                    opt.add_param_group(dict(g))
+            opt.register_step_pre_hook(lambda *a: self.experts._attach_grads())
         opt.register_step_post_hook(lambda *a: self.experts._after_step())
         self.experts.optimizer = opt  # its state dicts look up optimizer state by master view
         self.optimizer = opt
@@ -158,9 +163,12 @@ class MoEZeroEngine:
         total = (dense.pow(2) + sq[0]).sqrt()
         if max_norm > 0 and max_norm != float("inf"):
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            self.dense.scale_grads_(coef)
-            self.experts.scale_grads_(coef)
+            self.scale_grads_(coef)
         return total
+
+    def scale_grads_(self, coef: torch.Tensor) -> None:
+        self.dense.scale_grads_(coef)
+        self.experts.scale_grads_(coef)
 
     def step(self, lr: Optional[float] = None) -> None:
         self.dense.step(lr)
@@ -173,6 +181,14 @@ class MoEZeroEngine:
         self.dense.remove_hooks()
         self.experts.remove_hooks()
 
+    def offload_stats(self) -> dict[str, float]:
+        a, b = self.dense.offload_stats(), self.experts.offload_stats()
+        return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
+
+    def close(self) -> None:
+        self.dense.close()
+        self.experts.close()
+
     def comm_bytes(self, current: bool = False) -> dict[str, float]:
         """The dense engine's counters as ZeroEngine.comm_bytes, the experts engine's under `experts.`
         (the all-to-all of tokens is not counted here)."""
@@ -183,7 +199,8 @@ class MoEZeroEngine:
     def memory_bytes(self) -> dict[str, int]:
         """Sum of both engines; the shared optimizer's AdamW state is counted once."""
         a, b = self.dense.memory_bytes(), self.experts.memory_bytes()
-        masters = sum(u.master.untyped_storage().nbytes() for u in self.experts.units)
+        masters = sum(u.master.untyped_storage().nbytes() for u in self.experts.units if u.master is not None) + (
+            self.experts.tier.memory_bytes() if self.experts.tier is not None else 0)
         out = {"params": a["params"] + b["params"], "grads": a["grads"] + b["grads"],
                "optimizer": a["optimizer"] + masters}
         out["total"] = out["params"] + out["grads"] + out["optimizer"]
@@ -230,6 +247,6 @@ class MoEZeroEngine:
 
 
 def build_expert_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConfig, optim_cfg,
-                               device: torch.device, param_init=None) -> MoEZeroEngine:
-    """What data_parallel.build_data_parallel returns when dims.ep > 1."""
-    return MoEZeroEngine(model, zero_cfg, optim_cfg, dims, device=device, param_init=param_init)
+                               device: torch.device, param_init=None, **offload) -> MoEZeroEngine:
+    """What data_parallel.build_data_parallel returns when dims.ep > 1 (offload: offload=, rank=)."""
+    return MoEZeroEngine(model, zero_cfg, optim_cfg, dims, device=device, param_init=param_init, **offload)

@@ -52,7 +52,8 @@ class ParamGatherMixin:
         if backward and u.secondary is not None:
             src, levels, keep = u.secondary, list(range(self.hpz, -1, -1)), None
         else:
-            src = quant.quantize(u.shard.view(1, -1), 8, self.cfg.quant_block_size).view(-1) if self.qw else u.shard
+            shard = u.shard if self.tier is None or self.tier.cfg.params == "none" else self.tier.fetch_shard(u)
+            src = quant.quantize(shard.view(1, -1), 8, self.cfg.quant_block_size).view(-1) if self.qw else shard
             levels = list(range(k - 1, -1, -1))
             keep = self.hpz if (self.hpz is not None and torch.is_grad_enabled() and not backward) else None
         u.pending = GatherChain(self.topo, src, levels, None if self.qw else u.flat, keep).start()
@@ -82,6 +83,11 @@ class ParamGatherMixin:
             i = u.idx + step * j
             if 0 <= i < len(self.units):
                 self._start_gather(self.units[i], backward)
+        if self.tier is not None and self.tier.params_nvme:
+            # The NVMe read runs one unit further ahead than the gathers, so a gather finds its shard read.
+            i = u.idx + step * (self.cfg.prefetch_units + 1)
+            if 0 <= i < len(self.units) and not (backward and self.units[i].secondary is not None):
+                self.tier.readahead(self.units[i])
 
     def _fwd_pre(self, u: Unit) -> None:
         self._advance()

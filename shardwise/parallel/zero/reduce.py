@@ -74,6 +74,7 @@ class GradReduceMixin:
             else:
                 ch = ReduceChain(self.topo, x, self.qg_bits, self.cfg.quant_block_size, u.ef, carry=u.partial)
                 ch.partial = False
+            ch.final = self._sync  # the step's last contribution to u's reduced shard
             u.reduce = ch.start()
         self._track(u)
 
@@ -82,6 +83,7 @@ class GradReduceMixin:
         ch = ReduceChain(self.topo, u.partial.to(self.reduce_dtype), self.qg_bits, self.cfg.quant_block_size, u.ef,
                          levels=[self._outer_level])
         ch.partial = False
+        ch.final = True
         u.reduce = ch.start()
         self._track(u)
 
@@ -100,10 +102,16 @@ class GradReduceMixin:
         if r.partial:
             u.partial = (y if y.dtype == torch.float32 else y.float()) if u.partial is None else u.partial.add_(y)
         else:
+            if u.grad_shard is None:  # offloaded gradients (stages 2-3, NVMe): a shard exists only until written
+                u.grad_shard = torch.zeros(u.layout.shard_numel, dtype=torch.float32, device=self.device)
             u.grad_shard.add_(y)
             u.partial = None
             if u.ef is not None and r.qbits:
                 u.ef = r.ef  # the new residual (a new tensor: see ReduceChain)
+            if r.final and self.tier is not None and self.tier.grads_out:
+                if self.tp is not None and self.tp.size > 1:
+                    self._sum_partial_over_tp([u])  # before it leaves memory (in-memory: all units at once)
+                self.tier.grad_out(u)
         if self.stage == 1:
             u.grad_acc.zero_()
         else:
@@ -143,10 +151,14 @@ class GradReduceMixin:
         if self.tp is not None and self.tp.size > 1:
             self._sum_partial_over_tp()
 
-    def _sum_partial_over_tp(self) -> None:
+    def _sum_partial_over_tp(self, units=None) -> None:
         """Sum the reduced gradients of `tp_partial` parameters (e.g. sequence-parallel norm weights,
-        each tp rank holding the gradient of its sequence shard) over tp: one all-reduce of all pieces."""
-        parts = [(u, pc) for u, pc, _ in self._opt_pieces if self._tp_partial(pc.slot.name)]
+        each tp rank holding the gradient of its sequence shard) over tp: one all-reduce of all pieces (of
+        `units` only, when given: the offload tier sums each unit's before writing it out)."""
+        if units is None and self.tier is not None and self.tier.grads_out:
+            return  # done unit by unit in _finish_reduce
+        parts = [(u, pc) for u, pc, _ in self._opt_pieces if self._tp_partial(pc.slot.name)
+                 and (units is None or u in units)]
         if not parts:
             return
         grads = [u.optim_grad[pc.lo: pc.hi] for u, pc in parts]

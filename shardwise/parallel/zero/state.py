@@ -52,14 +52,24 @@ def sharded_state_dict(engine, clone: bool = True) -> dict:
         units[u.name] = {"numel": lay.numel, "padded_numel": lay.padded, "shard_offset": lay.shard_offset,
                          "shard_numel": lay.shard_numel}
     views = {id(pc): v for _, pc, v in engine._opt_pieces}
+    tier = engine.tier
     for u in engine.units:
+        ts = tier.unit_state(u) if tier is not None else None  # offloaded: read through the tier (host copies)
+        master = ts["master"] if ts is not None else u.master
         src = u.shard if engine.stage == 3 else u.flat[u.layout.shard_offset: u.layout.shard_offset + u.layout.shard_numel]
+        if src is None:  # offload.params=nvme: the parameters are the masters in param dtype
+            src = master.to(engine.param_dtype)
         for pc in u.layout.pieces:
             s = pc.slot
             e = {"global_shape": s.shape, "numel": s.numel, "unit": u.name, "unit_offset": s.offset,
                  "flat_range": (pc.plo, pc.phi), "param": cp(src[pc.lo: pc.hi]),
-                 "master": cp(u.master[pc.lo: pc.hi])}
-            st = _opt_state(engine, views[id(pc)]) if id(pc) in views else {}
+                 "master": cp(master[pc.lo: pc.hi])}
+            if ts is not None:
+                st = {} if tier.fresh or id(pc) not in views else {
+                    "exp_avg": ts["exp_avg"][pc.lo: pc.hi], "exp_avg_sq": ts["exp_avg_sq"][pc.lo: pc.hi],
+                    "step": tier.step_count}
+            else:
+                st = _opt_state(engine, views[id(pc)]) if id(pc) in views else {}
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in st:
                     e[k] = cp(st[k])
@@ -107,7 +117,10 @@ def load_sharded_state_dict(engine, sd: Union[dict, list[dict]]) -> None:
     views = {id(pc): v for _, pc, v in engine._opt_pieces}
     for g, saved in zip(engine.optimizer.param_groups, sds[0]["param_groups"]):
         g.update({k: v for k, v in saved.items() if k in g})
+    tier, moments, tier_step = engine.tier, False, 0
     for u in engine.units:
+        ts = tier.unit_state(u) if tier is not None else None
+        master = ts["master"] if ts is not None else u.master
         for pc in u.layout.pieces:
             name, lo, hi = pc.slot.name, pc.plo, pc.phi
             v = views.get(id(pc))
@@ -122,8 +135,12 @@ def load_sharded_state_dict(engine, sd: Union[dict, list[dict]]) -> None:
                 if a >= b:
                     continue
                 dst, srcsl = slice(pc.lo + a - lo, pc.lo + b - lo), slice(a - e["flat_range"][0], b - e["flat_range"][0])
-                u.master[dst].copy_(e["master"][srcsl])
-                if v is not None and "exp_avg" in e:
+                master[dst].copy_(e["master"][srcsl])
+                if ts is not None and v is not None and "exp_avg" in e:
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        ts[k][dst].copy_(e[k][srcsl])
+                    moments, tier_step = True, int(e.get("step", 0.0))
+                elif v is not None and "exp_avg" in e:
                     st = engine.optimizer.state[v]
                     for k in ("exp_avg", "exp_avg_sq"):
                         if k not in st:
@@ -134,6 +151,10 @@ def load_sharded_state_dict(engine, sd: Union[dict, list[dict]]) -> None:
                 covered += b - a
             if covered != hi - lo:
                 raise ValueError(f"{name}: the given state dicts cover {covered} of the {hi - lo} elements needed")
+        if ts is not None:
+            tier.store_unit_state(u, ts, moments)
+    if tier is not None:
+        tier.loaded(tier_step, moments)
     _load_residuals(engine, sds)
     _masters_to_params(engine)
 
@@ -143,6 +164,8 @@ def _masters_to_params(engine) -> None:
     last = engine._last_bytes
     engine.topo.set_accounting(False)
     try:
+        if engine.tier is not None:
+            engine.tier.refresh_params()
         engine._after_step()
     finally:
         engine.topo.set_accounting(True)
@@ -152,12 +175,13 @@ def _masters_to_params(engine) -> None:
 def _gather_masters(engine, u) -> torch.Tensor:
     """The unit's full fp32 master buffer (every rank), gathered without byte accounting."""
     from .comm import GatherChain
+    master = engine.tier.unit_state(u)["master"].to(engine.device) if engine.tier is not None else u.master
     if engine.stage == 0:
-        return u.master
+        return master
     k = len(engine.topo.sizes)
     engine.topo.set_accounting(False)
     try:
-        return GatherChain(engine.topo, u.master, list(range(k - 1, -1, -1)), None).finish()
+        return GatherChain(engine.topo, master, list(range(k - 1, -1, -1)), None).finish()
     finally:
         engine.topo.set_accounting(True)
 
@@ -184,11 +208,17 @@ def load_full_state_dict(engine, sd: dict) -> None:
     """Load a full model state dict (given on every rank): each rank keeps its slices as fp32 masters and
     compute parameters. Optimizer state is left as it is."""
     for u in engine.units:
+        ts = engine.tier.unit_state(u) if engine.tier is not None else None
+        master = ts["master"] if ts is not None else u.master
         for pc in u.layout.pieces:
             t = sd[pc.slot.name]
             if tuple(t.shape) != tuple(pc.slot.shape):
                 raise ValueError(f"{pc.slot.name}: shape {tuple(t.shape)} != {tuple(pc.slot.shape)}")
-            u.master[pc.lo: pc.hi].copy_(t.reshape(-1)[pc.plo: pc.phi])
+            master[pc.lo: pc.hi].copy_(t.reshape(-1)[pc.plo: pc.phi])
+        if ts is not None:
+            engine.tier.store_unit_state(u, ts, moments=False)
+    if engine.tier is not None:
+        engine.tier.loaded(0, moments=False)
     _masters_to_params(engine)
     names = {s.name for u in engine.units for s in u.layout.slots}
     rest = {k: v for k, v in sd.items() if k not in names}

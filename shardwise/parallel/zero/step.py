@@ -22,16 +22,22 @@ class OptimizerStepMixin:
 
     def _build_optimizer(self, oc) -> None:
         decay, no_decay = [], []
-        self._opt_pieces = []  # (unit, piece, master view)
+        self._opt_pieces = []  # (unit, piece, master view); the view is a meta stand-in when the master is on NVMe
         for u in self.units:
             grads = u.optim_grad
             for pc in u.layout.pieces:
                 if not pc.slot.param.requires_grad:
                     continue
-                v = u.master[pc.lo: pc.hi]
-                v.grad = grads[pc.lo: pc.hi]
+                v = u.master[pc.lo: pc.hi] if u.master is not None else torch.empty(pc.hi - pc.lo, device="meta")
+                if self.tier is None:
+                    v.grad = grads[pc.lo: pc.hi]
                 (decay if pc.slot.decay else no_decay).append(v)
                 self._opt_pieces.append((u, pc, v))
+        if self.tier is not None:  # the pipelined CPU AdamW of the offload tier (shardwise.offload)
+            from ...offload.optimizer import TieredAdamW
+            self.optimizer = TieredAdamW(self.tier, oc, (decay, no_decay))
+            self._hooks.append(self.optimizer.register_step_post_hook(lambda *a: self._after_step()))
+            return
         fused = oc.fused if getattr(oc, "fused", None) is not None else self.device.type in ("cpu", "cuda")
         betas = (oc.beta1, oc.beta2) if hasattr(oc, "beta1") else tuple(oc.betas)
         self.optimizer = torch.optim.AdamW(
@@ -52,8 +58,10 @@ class OptimizerStepMixin:
         over tp, replicated ones counted once); same formula as torch.nn.utils.clip_grad_norm_. Call after
         the last (synchronised) backward. Returns the total norm (fp32 scalar, identical on all ranks)."""
         sq = torch.zeros(2, dtype=torch.float32, device=self.device)  # [tp-sharded, replicated]
-        for u, pc, v in self._opt_pieces:
-            sq[0 if not self._tp_rep(pc.slot.name) else 1] += v.grad.float().pow(2).sum()
+        out = self.tier is not None and self.tier.grads_out  # gradients on NVMe: their squares were kept
+        for i, (u, pc, v) in enumerate(self._opt_pieces):
+            x = self.tier.piece_sq[i].to(self.device) if out else u.optim_grad[pc.lo: pc.hi].float().pow(2).sum()
+            sq[0 if not self._tp_rep(pc.slot.name) else 1] += x
         if self.stage >= 1 and self.topo.dp_size > 1:
             self.topo.dp.all_reduce(sq)
         if self.tp is not None and self.tp.size > 1:
@@ -65,7 +73,10 @@ class OptimizerStepMixin:
 
     def scale_grads_(self, coef: torch.Tensor) -> None:
         """Multiply every reduced gradient the optimizer reads by `coef` (clipping; the MoE engine clips
-        its two engines by one global norm)."""
+        its two engines by one global norm). Gradients on NVMe are scaled as the step reads them."""
+        if self.tier is not None and self.tier.grads_out:
+            self.tier.coef = coef
+            return
         for u in self.units:
             u.optim_grad.mul_(coef)
 
@@ -78,7 +89,22 @@ class OptimizerStepMixin:
                 g["lr"] = lr
         self.optimizer.step()
 
+    def _write_back(self, u, lo: int, hi: int, master: torch.Tensor) -> None:
+        """The offload tier updated elements [lo, hi) of u's master shard (`master`, host): put them where the
+        compute parameters come from (stage 0: the flat buffer; 1-2: the flat buffer's own shard, gathered by
+        _after_step; 3: the shard, unless it is the master itself or lives on NVMe, written by the tier)."""
+        if self.stage == 0:
+            u.flat[lo: hi].copy_(master)
+        elif self.stage in (1, 2):
+            o = u.layout.shard_offset
+            u.flat[o + lo: o + hi].copy_(master)
+        elif u.shard is not None and u.shard is not u.master:
+            u.shard[lo: hi].copy_(master)
+
     def _after_step(self) -> None:
+        if self.tier is not None:  # the tier wrote every master through _write_back already
+            self._after_tier_step()
+            return
         if self.stage == 0:
             for u in self.units:
                 u.flat.copy_(u.master)
@@ -94,6 +120,21 @@ class OptimizerStepMixin:
             for u in self.units:
                 if u.shard is not u.master:  # fp32: one buffer already (engine._init_unit)
                     u.shard.copy_(u.master)
+        self._last_bytes = self.counter.snapshot()
+        self.counter.reset()
+
+    def _after_tier_step(self) -> None:
+        if self.stage in (1, 2):  # gather the updated own shards of the flat buffers (written by _write_back)
+            k = len(self.topo.sizes)
+            chains = []
+            for u in self.units:
+                o, n = u.layout.shard_offset, u.layout.shard_numel
+                chains.append((u, GatherChain(self.topo, u.flat[o: o + n].clone(), list(range(k - 1, -1, -1)),
+                                              u.flat).start()))
+            for u, ch in chains:
+                x = ch.finish()
+                if x.data_ptr() != u.flat.data_ptr():
+                    u.flat.copy_(x)
         self._last_bytes = self.counter.snapshot()
         self.counter.reset()
 
