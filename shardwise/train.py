@@ -67,6 +67,7 @@ def run(overrides: Sequence[str]) -> list[dict]:
         history = trainer.fit()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        trainer.close()  # the process leaves with os._exit (no atexit): remove swap files here
     if env.is_main and history:
         last = history[-1]
         log.info("done: step %d, loss %.4f, metrics in %s", last["step"], last["loss"], run_dir / "metrics.jsonl")

@@ -13,6 +13,7 @@ import logging
 from typing import Optional
 
 import torch
+from torch.optim.adam import adam as _adam
 
 log = logging.getLogger("shardwise.offload")
 
@@ -44,7 +45,7 @@ class CpuAdamW:
         if self._ds is None:
             # One step tensor per tensor: the kernel increments each (a shared one would count several times).
             steps = [torch.tensor(float(step - 1)) for _ in params]
-            torch.optim.adam.adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
+            _adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
                                   decoupled_weight_decay=True, amsgrad=False, beta1=betas[0], beta2=betas[1],
                                   lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
             return

@@ -61,6 +61,7 @@ class OffloadTier:
         self.m: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self._grad_writes: deque = deque()
+        self._written: set[int] = set()  # units whose gradient this step wrote (the others' is zero: not read)
         self._reads: dict[int, tuple] = {}  # unit -> (buffer, handle): parameter shard reads ahead (params=nvme)
         self.store = None
         if self.nvme:
@@ -77,7 +78,9 @@ class OffloadTier:
         if self.params_nvme and self.engine.param_dtype != torch.float32:
             kinds["param"] = self.engine.param_dtype
         planned = NvmeStore.planned_bytes(kinds, self.groups)
-        self.space = SwapSpace(self.cfg.nvme_path, rank, planned, job_id=os.environ.get("SHARDWISE_FT_JOB_ID"))
+        # One directory per rank and engine (an expert-parallel rank has two engines, so two tiers).
+        self.space = SwapSpace(self.cfg.nvme_path, f"{rank}-{self.name}", planned,
+                               job_id=os.environ.get("SHARDWISE_FT_JOB_ID"))
         self.aio = AioEngine(self.cfg.block_size, self.cfg.queue_depth, self.cfg.aio_backend)
         self.store = NvmeStore(kinds, self.groups, self.space, self.aio, prefix=f"{self.name}.")
         c = self.cfg.buffer_count
@@ -133,6 +136,7 @@ class OffloadTier:
         buf = self.unit_pool.acquire()
         self.store.expand("grad", u.idx, g.to(HOST), buf)
         self._grad_writes.append((buf, self.store.write_unit("grad", u.idx, buf)))
+        self._written.add(u.idx)
         u.grad_shard = None
 
     def _retire_grad_write(self) -> None:
@@ -203,6 +207,8 @@ class OffloadTier:
                 self.engine._write_back(u, g.lo, g.hi, master)
         self.fresh = False
         self.coef = None
+        self._written.clear()
+        self.piece_sq.zero_()
 
     def _memory_grad(self, u, g) -> Optional[torch.Tensor]:
         if not g.parts:
@@ -238,7 +244,7 @@ class OffloadTier:
         def submit(i):
             bufs = slot()
             g = self.groups[i]
-            hs = [st.read_sg(k, i, bufs[k]) for k in kinds if k != "grad" or g.parts]
+            hs = [st.read_sg(k, i, bufs[k]) for k in kinds if k != "grad" or (g.parts and g.unit in self._written)]
             reads[i] = (bufs, hs)
 
         for i in range(min(depth, n)):
@@ -258,7 +264,9 @@ class OffloadTier:
             u = self.engine.units[g.unit]
             if self.grads_out:
                 grad = st.typed(bufs["grad"], "grad", g.numel) if g.parts else None
-                if grad is not None and self.coef is not None:
+                if grad is not None and g.unit not in self._written:
+                    grad.zero_()  # no reduction reached this unit in this step (e.g. a pipeline stage's unused unit)
+                elif grad is not None and self.coef is not None:
                     grad.mul_(self.coef.to(HOST))
             else:
                 grad = self._memory_grad(u, g)

@@ -264,6 +264,10 @@ class Trainer:
             return db / dt / 1e9 if dt > 0 else 0.0
         return {"offload_read_gbps": rate("bytes_read", "read_s"), "offload_write_gbps": rate("bytes_written", "write_s")}
 
+    def close(self) -> None:
+        """Release what outlives fit(): the offload tier's I/O threads and swap files."""
+        self.engine.close()
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model state dict (fp32 master weights gathered over dp, then tp-sharded
         parameters over tp), on every rank. Collective over the dp and tp groups."""
@@ -314,5 +318,4 @@ class Trainer:
                 self.checkpointer.close()  # waits for the checkpoint save in flight
         from ..fault_tolerance.trainer_hooks import maybe_save_final_state
         maybe_save_final_state(self)  # $SHARDWISE_SAVE_FINAL_STATE=1: <run_dir>/final_state.pt (tests)
-        self.engine.close()  # the offload tier's swap files
         return history

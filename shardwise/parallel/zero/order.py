@@ -109,6 +109,8 @@ class ReduceOrderMixin:
                 self._unit_done(u)
         while self._reducing:
             self._finish_reduce(self._reducing.popleft())
+        if self._sync:
+            self._grads_out_rest()
         if self._sync and self.tp is not None and self.tp.size > 1:
             self._sum_partial_over_tp()
         self._next = 0

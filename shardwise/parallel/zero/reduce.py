@@ -109,13 +109,25 @@ class GradReduceMixin:
             if u.ef is not None and r.qbits:
                 u.ef = r.ef  # the new residual (a new tensor: see ReduceChain)
             if r.final and self.tier is not None and self.tier.grads_out:
-                if self.tp is not None and self.tp.size > 1:
-                    self._sum_partial_over_tp([u])  # before it leaves memory (in-memory: all units at once)
-                self.tier.grad_out(u)
+                self._grad_out(u)
         if self.stage == 1:
             u.grad_acc.zero_()
         else:
             u.grad_acc = None
+
+    def _grad_out(self, u: Unit) -> None:
+        """Offload tier (NVMe, stages 2-3): u's reduced shard is final for the step; send it to the tier."""
+        if self.tp is not None and self.tp.size > 1:
+            self._sum_partial_over_tp([u])  # before it leaves memory (in-memory: all units at once)
+        self.tier.grad_out(u)
+
+    def _grads_out_rest(self) -> None:
+        """Units whose reduced shard is final but was not sent by a final reduction (reduce_gradients after
+        `shard` accumulation: every micro-batch was reduced inside no_sync), in unit order on every rank."""
+        if self.tier is not None and self.tier.grads_out:
+            for u in self.units:
+                if u.grad_shard is not None:
+                    self._grad_out(u)
 
     def _advance(self) -> None:
         """Hook points: launch every queued chain level whose input is ready (comm.LaunchQueue), no waiting."""
@@ -148,6 +160,7 @@ class GradReduceMixin:
                 self._launch_partial_outer(u)
         while self._reducing:
             self._finish_reduce(self._reducing.popleft())
+        self._grads_out_rest()
         if self.tp is not None and self.tp.size > 1:
             self._sum_partial_over_tp()
 
