@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .offload.config import OffloadConfigError
 from .trainer.compose import compose_config, to_yaml
 from .trainer.distributed import init_distributed, shutdown, world_from_env
 from .parallel.share import check_memory_budget
@@ -79,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     code = 0
     try:
         run(argv)
-    except ConfigError as e:
+    except (ConfigError, OffloadConfigError) as e:
         print(f"shardwise: {e}", file=sys.stderr)
         code = 2
     except Exception:

@@ -7,6 +7,11 @@ from typing import Optional
 TIERS = ("none", "cpu", "nvme")
 
 
+class OffloadConfigError(ValueError):
+    """The offload settings cannot work on this machine (e.g. offload.nvme_path lacks the space): reported as a
+    config error (one line, exit code 2), before any training state exists."""
+
+
 @dataclass
 class OffloadConfig:
     """Where the ZeRO engine keeps each kind of state between its uses (docs/offload.md)."""

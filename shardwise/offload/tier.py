@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .config import OffloadConfig
+from .config import OffloadConfig, OffloadConfigError
 from .cpu_adam import cpu_adamw
 from .subgroups import plan
 
@@ -79,8 +79,11 @@ class OffloadTier:
             kinds["param"] = self.engine.param_dtype
         planned = NvmeStore.planned_bytes(kinds, self.groups)
         # One directory per rank and engine (an expert-parallel rank has two engines, so two tiers).
-        self.space = SwapSpace(self.cfg.nvme_path, f"{rank}-{self.name}", planned,
-                               job_id=os.environ.get("SHARDWISE_FT_JOB_ID"))
+        try:
+            self.space = SwapSpace(self.cfg.nvme_path, f"{rank}-{self.name}", planned,
+                                   job_id=os.environ.get("SHARDWISE_FT_JOB_ID"))
+        except ValueError as e:  # missing, read-only or too small: the user's setting, not a crash
+            raise OffloadConfigError(str(e)) from None
         self.aio = AioEngine(self.cfg.block_size, self.cfg.queue_depth, self.cfg.aio_backend)
         self.store = NvmeStore(kinds, self.groups, self.space, self.aio, prefix=f"{self.name}.")
         c = self.cfg.buffer_count
