@@ -147,6 +147,34 @@ def test_buffered_fallback_when_o_direct_is_refused(backend, swap, monkeypatch, 
     assert sum("refuses O_DIRECT" in r.getMessage() for r in caplog.records) == 1  # once, not per request
 
 
+def test_buffered_fallback_when_o_direct_io_fails(swap, monkeypatch, caplog):
+    """A file system that opens with O_DIRECT but refuses the I/O (EINVAL on aligned arguments)."""
+    import fcntl
+
+    def refusing(real):
+        def call(fd, bufs, offset):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, bufs, offset)
+        return call
+
+    path = swap.file("c.swp", 1 << 20)
+    src = _random(1 << 20, 4)
+    calls = []
+    real_open = os.open
+    monkeypatch.setattr(os, "preadv", refusing(os.preadv))
+    monkeypatch.setattr(os, "pwritev", refusing(os.pwritev))
+    monkeypatch.setattr(os, "open", lambda p, f, *a: calls.append(f) or real_open(p, f, *a))
+    with caplog.at_level(logging.WARNING, "shardwise.offload"), \
+            AioEngine(block_size=BLOCK, queue_depth=QD, backend="threads") as eng:
+        eng.wait(eng.submit_write(src, path, 0))
+        dst = aligned_empty(1 << 20)
+        eng.wait(eng.submit_read(dst, path, 0))
+    assert torch.equal(src, dst)
+    assert sum("refuses O_DIRECT" in r.getMessage() for r in caplog.records) == 1
+    assert not calls[-1] & os.O_DIRECT  # once known, later requests open without O_DIRECT
+
+
 # ---- bad requests and I/O errors ------------------------------------------------------------------
 def test_misaligned_requests_are_rejected(engine, swap):
     path = swap.file("m.swp", 1 << 20)

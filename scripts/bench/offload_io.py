@@ -7,6 +7,9 @@ Variants, interleaved per round by the harness (same file system, same run):
   aio_<backend>_write / _read   AioEngine(block_size, queue_depth, backend, threads) moving the whole file
                                 in --request-mib requests, --inflight of them outstanding, from a BufferPool
                                 of random bytes (backends: threads, and deepspeed where its op loads)
+  aio_deepspeed_locked_*        without CUDA: the deepspeed backend on buffers from DeepSpeed's page-locked
+                                allocator, which its op uses without a bounce copy (as torch-pinned
+                                buffers on a CUDA machine)
 All write into a file preallocated with posix_fallocate (conv=notrunc keeps dd on it too), so no variant
 pays for block allocation. Metric: gbps (1e9 bytes/s) and time_s per pass over the file.
 JSON (<out>/offload_io.json, + PNG): the harness's result plus ``vs_dd`` = median GB/s of each aio
@@ -53,26 +56,27 @@ def dd(args: list[str], nbytes: int) -> dict[str, float]:
     return {"time_s": t, "gbps": nbytes / t / 1e9}
 
 
-def aio_pass(eng: AioEngine, pool: BufferPool, path: str, nbytes: int, op: str, inflight: int) -> dict[str, float]:
-    """Move the whole file through ``eng`` in pool-sized requests, ``inflight`` outstanding."""
-    req = pool.nbytes_each
-    bufs = [pool.acquire() for _ in range(inflight)]
-    try:
-        out: list = []
-        t0 = time.perf_counter()
-        for i, off in enumerate(range(0, nbytes, req)):
-            if len(out) == inflight:
-                eng.wait(out.pop(0))  # keep `inflight` requests queued: the next is ready as one ends
-            buf = bufs[i % inflight]
-            submit = eng.submit_read if op == "read" else eng.submit_write
-            out.append(submit(buf, path, off))
-        for h in out:
-            eng.wait(h)
-        t = time.perf_counter() - t0
-    finally:
-        for b in bufs:
-            pool.release(b)
+def aio_pass(eng: AioEngine, bufs: list, path: str, nbytes: int, op: str) -> dict[str, float]:
+    """Move the whole file through ``eng`` in buffer-sized requests, one per buffer outstanding."""
+    req = bufs[0].numel()
+    out: list = []
+    t0 = time.perf_counter()
+    for i, off in enumerate(range(0, nbytes, req)):
+        if len(out) == len(bufs):
+            eng.wait(out.pop(0))  # keep len(bufs) requests queued: the next is ready as one ends
+        submit = eng.submit_read if op == "read" else eng.submit_write
+        out.append(submit(bufs[i % len(bufs)], path, off))
+    for h in out:
+        eng.wait(h)
+    t = time.perf_counter() - t0
     return {"time_s": t, "gbps": nbytes / t / 1e9}
+
+
+def fill_random(bufs: list, seed: int = 0) -> None:
+    """Random bytes: nothing on the way (virtual disk, file system) can compress or dedupe them."""
+    gen = torch.Generator().manual_seed(seed)
+    for b in bufs:
+        b.copy_(torch.randint(0, 256, (b.numel(),), dtype=torch.uint8, generator=gen))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,16 +108,18 @@ def main(argv: list[str] | None = None) -> int:
             os.posix_fallocate(fd, 0, nbytes)
         finally:
             os.close(fd)
-        pool = BufferPool(a.request_mib * MIB, a.inflight)
-        gen = torch.Generator().manual_seed(0)
+        pool = BufferPool(a.request_mib * MIB, a.inflight)  # what training uses (pin=True is a no-op without CUDA)
         bufs = [pool.acquire() for _ in range(a.inflight)]
-        for buf in bufs:  # random bytes: nothing on the way can compress or dedupe them
-            buf.copy_(torch.randint(0, 256, (buf.numel(),), dtype=torch.uint8, generator=gen))
-            pool.release(buf)
+        fill_random(bufs)
         variants = [Variant("dd_write", fn=lambda: dd([f"if=/dev/zero", f"of={path}", "bs=1M", f"count={count}",
                                                         "oflag=direct", "conv=notrunc"], nbytes))]
         readers = [Variant("dd_read", fn=lambda: dd([f"if={path}", "of=/dev/null", "bs=1M", f"count={count}",
                                                       "iflag=direct"], nbytes))]
+
+        def add(name: str, eng: AioEngine, bs: list) -> None:
+            variants.append(Variant(f"{name}_write", fn=lambda: aio_pass(eng, bs, path, nbytes, "write")))
+            readers.append(Variant(f"{name}_read", fn=lambda: aio_pass(eng, bs, path, nbytes, "read")))
+
         for backend in [b.strip() for b in a.backends.split(",") if b.strip()]:
             if backend == "deepspeed":
                 ok, reason = _ds_aio.load_deepspeed_aio()
@@ -123,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             eng = AioEngine(int(a.block_mib * MIB), a.queue_depth, backend=backend, threads=a.threads)
             engines.append(eng)
             status[backend] = "ran"
-            variants.append(Variant(f"aio_{backend}_write",
-                                    fn=lambda e=eng: aio_pass(e, pool, path, nbytes, "write", a.inflight)))
-            readers.append(Variant(f"aio_{backend}_read",
-                                   fn=lambda e=eng: aio_pass(e, pool, path, nbytes, "read", a.inflight)))
+            add(f"aio_{backend}", eng, bufs)
+            if backend == "deepspeed" and not torch.cuda.is_available():
+                # What a CUDA machine gets from BufferPool(pin=True): buffers the op need not copy. Without
+                # CUDA only DeepSpeed's own page-locked allocator makes such buffers.
+                op = _ds_aio._STATE["op"].aio_handle(int(a.block_mib * MIB), a.queue_depth, False, True, 1)
+                locked = [op.new_cpu_locked_tensor(a.request_mib * MIB, bufs[0]) for _ in range(a.inflight)]
+                fill_random(locked)
+                add("aio_deepspeed_locked", eng, locked)
         extra = {"dir": a.dir, "file_bytes": nbytes, "block_size": int(a.block_mib * MIB),
                  "queue_depth": a.queue_depth, "threads": a.threads, "request_bytes": a.request_mib * MIB,
                  "inflight": a.inflight, "backends": status, "command": " ".join(sys.argv)}

@@ -203,7 +203,7 @@ class AioEngine:
     def _open(self, h: IoHandle) -> int:
         """Open ``h.path`` for its op (never creating it); O_DIRECT unless that file system refuses it."""
         flags = (os.O_RDONLY if h.op == "read" else os.O_WRONLY) | getattr(os, "O_CLOEXEC", 0)
-        if self.direct:
+        if self.direct and not (self._no_direct_devs and os.stat(h.path).st_dev in self._no_direct_devs):
             try:
                 return os.open(h.path, flags | os.O_DIRECT)
             except OSError as e:
