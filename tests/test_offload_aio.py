@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -209,6 +210,8 @@ def test_read_past_end_of_truncated_file(engine, swap):
     assert (e.path, e.offset, e.nbytes, e.op) == (path, 2 * ALIGN, 4 * ALIGN, "read")
     assert path in str(e) and f"offset {2 * ALIGN}" in str(e)
     assert f"read {ALIGN} of {4 * ALIGN} bytes (file truncated?)" in str(e)
+    again = pickle.loads(pickle.dumps(e))  # crosses process boundaries intact
+    assert (type(again), str(again), again.path, again.offset) == (OffloadIOError, str(e), path, 2 * ALIGN)
     good = aligned_empty(ALIGN)  # the engine keeps working after an error
     engine.wait(engine.submit_read(good, path, 0))
 

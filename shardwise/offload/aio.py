@@ -65,7 +65,10 @@ class OffloadIOError(OSError):
         hint = _HINTS.get(err or 0)
         super().__init__(msg + (f" {hint}" if hint else ""))
         self.errno = err  # set after init so str() stays the message above, not "[Errno n] ..."
-        self.op, self.path, self.offset, self.nbytes = op, path, offset, nbytes
+        self.op, self.path, self.offset, self.nbytes, self._detail = op, path, offset, nbytes, detail
+
+    def __reduce__(self):  # picklable (errors cross process boundaries in multi-process runs)
+        return type(self), (self.op, self.path, self.offset, self.nbytes, self.errno, self._detail)
 
 
 class IoHandle:
