@@ -26,6 +26,8 @@ setup(
         # Plots of scripts/bench/ (JSON is written without it).
         "bench": ["matplotlib"],
         "wandb": ["wandb"],
+        # Also the backend="deepspeed" offload I/O engine: its libaio op additionally needs the system
+        # package libaio-dev (apt-get install -y libaio-dev) and JIT-builds on first use.
         "deepspeed": ["deepspeed>=0.16"],
         # megatron-core is already a base dependency (datasets); the extra is kept so that
         # `pip install shardwise[megatron]` in existing job scripts keeps working.

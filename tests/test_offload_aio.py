@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,34 @@ def test_buffered_fallback_when_o_direct_is_refused(backend, swap, monkeypatch, 
     assert sum("refuses O_DIRECT" in r.getMessage() for r in caplog.records) == 1  # once, not per request
 
 
+def test_buffered_fallback_when_o_direct_io_fails(swap, monkeypatch, caplog):
+    """A file system that opens with O_DIRECT but refuses the I/O (EINVAL on aligned arguments)."""
+    import fcntl
+
+    def refusing(real):
+        def call(fd, bufs, offset):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, bufs, offset)
+        return call
+
+    path = swap.file("c.swp", 1 << 20)
+    src = _random(1 << 20, 4)
+    calls = []
+    real_open = os.open
+    monkeypatch.setattr(os, "preadv", refusing(os.preadv))
+    monkeypatch.setattr(os, "pwritev", refusing(os.pwritev))
+    monkeypatch.setattr(os, "open", lambda p, f, *a: calls.append(f) or real_open(p, f, *a))
+    with caplog.at_level(logging.WARNING, "shardwise.offload"), \
+            AioEngine(block_size=BLOCK, queue_depth=QD, backend="threads") as eng:
+        eng.wait(eng.submit_write(src, path, 0))
+        dst = aligned_empty(1 << 20)
+        eng.wait(eng.submit_read(dst, path, 0))
+    assert torch.equal(src, dst)
+    assert sum("refuses O_DIRECT" in r.getMessage() for r in caplog.records) == 1
+    assert not calls[-1] & os.O_DIRECT  # once known, later requests open without O_DIRECT
+
+
 # ---- bad requests and I/O errors ------------------------------------------------------------------
 def test_misaligned_requests_are_rejected(engine, swap):
     path = swap.file("m.swp", 1 << 20)
@@ -181,6 +210,8 @@ def test_read_past_end_of_truncated_file(engine, swap):
     assert (e.path, e.offset, e.nbytes, e.op) == (path, 2 * ALIGN, 4 * ALIGN, "read")
     assert path in str(e) and f"offset {2 * ALIGN}" in str(e)
     assert f"read {ALIGN} of {4 * ALIGN} bytes (file truncated?)" in str(e)
+    again = pickle.loads(pickle.dumps(e))  # crosses process boundaries intact
+    assert (type(again), str(again), again.path, again.offset) == (OffloadIOError, str(e), path, 2 * ALIGN)
     good = aligned_empty(ALIGN)  # the engine keeps working after an error
     engine.wait(engine.submit_read(good, path, 0))
 
@@ -218,7 +249,9 @@ def test_deepspeed_backend_missing_names_the_fix(monkeypatch, caplog):
             with AioEngine(backend="auto") as eng:
                 assert eng.backend_name == "threads"
     msgs = [r.getMessage() for r in caplog.records if "backend" in r.getMessage()]
-    assert msgs == ["offload I/O backend: threads (deepspeed is not importable (test))"]
+    assert len(msgs) == 1 and msgs[0].startswith("offload I/O backend: threads (")  # once, with the reason
+    if torch.cuda.is_available():
+        assert msgs == ["offload I/O backend: threads (deepspeed is not importable (test))"]
 
 
 # ---- buffers ------------------------------------------------------------------------------------------

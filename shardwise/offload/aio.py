@@ -7,13 +7,18 @@ The engine moves the bytes of a host tensor to or from a file offset in the back
         ...                                    # compute overlaps the transfer
         io.wait(h)                             # raises OffloadIOError if that request failed
 
-Two backends sit behind it, picked by ``backend`` (``auto`` tries them in this order):
+Two backends sit behind it, picked by ``backend``:
 
 * ``deepspeed``: DeepSpeed's libaio op (``AsyncIOBuilder``). Each worker thread owns one DeepSpeed
   ``aio_handle`` and runs one request at a time through it, so every request has its own completion
   (DeepSpeed's own ``wait()`` only waits for *all* outstanding ops of a handle).
 * ``threads``: a pool of threads doing ``os.preadv``/``os.pwritev`` on ``O_DIRECT`` descriptors,
   requests split into ``block_size`` chunks with at most ``queue_depth`` chunks in flight.
+
+``auto`` takes DeepSpeed's op when CUDA is available and the op loads (it JIT-builds once; needs
+libaio), else the thread pool, and logs its choice and reason once. Without CUDA torch cannot pin
+host memory, so DeepSpeed's op would copy every request through a bounce buffer it page-locks per
+request; there the thread pool is faster (``scripts/bench/offload_io.py``).
 
 Both give identical bytes. Errors carry the path, offset and size of the failing request; short
 reads are errors, never zero-filled data, and nothing is retried into different data.
@@ -31,8 +36,9 @@ from typing import Any
 import torch
 
 from shardwise.offload._ds_aio import DeepSpeedWorker, load_deepspeed_aio
+from shardwise.offload.buffers import ALIGN, BufferPool, aligned_empty, round_up
 
-ALIGN = 4096  # O_DIRECT alignment of buffer address, length and file offset (covers 512 B and 4 KiB sectors)
+__all__ = ["ALIGN", "AioEngine", "BufferPool", "IoHandle", "OffloadIOError", "aligned_empty", "round_up"]
 log = logging.getLogger("shardwise.offload")
 
 _HINTS = {
@@ -59,71 +65,10 @@ class OffloadIOError(OSError):
         hint = _HINTS.get(err or 0)
         super().__init__(msg + (f" {hint}" if hint else ""))
         self.errno = err  # set after init so str() stays the message above, not "[Errno n] ..."
-        self.op, self.path, self.offset, self.nbytes = op, path, offset, nbytes
+        self.op, self.path, self.offset, self.nbytes, self._detail = op, path, offset, nbytes, detail
 
-
-def round_up(n: int, align: int = ALIGN) -> int:
-    """``n`` rounded up to a multiple of ``align``."""
-    return -(-n // align) * align
-
-
-def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
-    """Uninitialised 1-D uint8 host tensor of ``nbytes`` rounded up to ALIGN, its address ALIGN-aligned.
-
-    ``pin=True`` page-locks it when CUDA is available (so device copies are asynchronous); without
-    CUDA there is nothing to pin for and the buffer is plain page-aligned memory.
-    """
-    if nbytes < 0:
-        raise ValueError(f"aligned_empty: nbytes must be >= 0, got {nbytes}")
-    n = round_up(nbytes)
-    pin = bool(pin) and torch.cuda.is_available()
-    base = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=pin)  # over-allocate, then slice
-    skip = (-base.data_ptr()) % ALIGN
-    return base[skip:skip + n]  # the view shares (and so keeps alive) the base storage
-
-
-class BufferPool:
-    """``count`` aligned buffers of ``nbytes_each`` (rounded up to ALIGN), allocated once, reused.
-
-    The hot loop only acquires and releases; it never allocates (pinned allocation is slow, and
-    repeated large allocations fragment host memory).
-    """
-
-    def __init__(self, nbytes_each: int, count: int, pin: bool = False) -> None:
-        if nbytes_each <= 0 or count <= 0:
-            raise ValueError(f"BufferPool: nbytes_each and count must be > 0, got {nbytes_each}, {count} "
-                             "(offload.buffer_count)")
-        self.nbytes_each = round_up(nbytes_each)
-        self.count = count
-        self._all = [aligned_empty(self.nbytes_each, pin) for _ in range(count)]
-        self._free = list(reversed(self._all))
-        self._out: set[int] = set()
-        self._lock = threading.Lock()
-
-    @property
-    def in_use(self) -> int:
-        """Buffers acquired and not yet released."""
-        return len(self._out)
-
-    def acquire(self) -> torch.Tensor:
-        """A free buffer (uint8, ``nbytes_each`` bytes); RuntimeError when all ``count`` are out."""
-        with self._lock:
-            if not self._free:
-                raise RuntimeError(f"BufferPool: all {self.count} buffers of {self.nbytes_each} bytes are in "
-                                   "use; release one before acquiring another, or raise offload.buffer_count")
-            buf = self._free.pop()
-            self._out.add(buf.data_ptr())
-            return buf
-
-    def release(self, buf: torch.Tensor) -> None:
-        """Return ``buf`` (from :meth:`acquire`) to the pool; ValueError if it is not out."""
-        with self._lock:
-            ptr = buf.data_ptr()
-            if ptr not in self._out:
-                raise ValueError("BufferPool.release: this buffer is not an acquired buffer of this pool "
-                                 "(released twice, or from elsewhere)")
-            self._out.remove(ptr)
-            self._free.append(next(b for b in self._all if b.data_ptr() == ptr))
+    def __reduce__(self):  # picklable (errors cross process boundaries in multi-process runs)
+        return type(self), (self.op, self.path, self.offset, self.nbytes, self.errno, self._detail)
 
 
 class IoHandle:
@@ -203,7 +148,12 @@ class AioEngine:
         if backend == "threads":
             return "threads"
         if backend == "auto" and not self.direct:
-            reason, ok = "direct=False (DeepSpeed's op always opens files with O_DIRECT)", False
+            ok, reason = False, "direct=False (DeepSpeed's op always opens files with O_DIRECT)"
+        elif backend == "auto" and not torch.cuda.is_available():
+            # Without CUDA no host memory counts as pinned for DeepSpeed's op, so it copies every request
+            # through a freshly page-locked bounce buffer: half the thread pool's GB/s in
+            # scripts/bench/offload_io.py. (This also spares CPU-only users its multi-minute JIT build.)
+            ok, reason = False, "no CUDA: DeepSpeed's op would stage every request through a bounce buffer"
         else:
             ok, reason = load_deepspeed_aio()
         if backend == "deepspeed":
@@ -256,7 +206,7 @@ class AioEngine:
     def _open(self, h: IoHandle) -> int:
         """Open ``h.path`` for its op (never creating it); O_DIRECT unless that file system refuses it."""
         flags = (os.O_RDONLY if h.op == "read" else os.O_WRONLY) | getattr(os, "O_CLOEXEC", 0)
-        if self.direct:
+        if self.direct and not (self._no_direct_devs and os.stat(h.path).st_dev in self._no_direct_devs):
             try:
                 return os.open(h.path, flags | os.O_DIRECT)
             except OSError as e:
@@ -294,7 +244,11 @@ class AioEngine:
                 return
             if state is not None:  # deepspeed: one whole request through this thread's aio handle
                 h = item
-                self._finish(h, state.run(h, self._run_chunked))
+                try:
+                    err = state.run(h, self._run_chunked)
+                except Exception as e:  # never leave a waiter hanging on an unexpected failure
+                    err = e
+                self._finish(h, err)
                 continue
             h, lo, hi = item
             err = None
@@ -303,6 +257,8 @@ class AioEngine:
                     self._slots.acquire()
                 try:
                     err = self._chunk(h, h._fd, lo, hi)
+                except Exception as e:
+                    err = e
                 finally:
                     if self._slots:
                         self._slots.release()
@@ -410,7 +366,7 @@ class AioEngine:
         for h in pending:
             try:
                 self.wait(h)
-            except OffloadIOError as e:
+            except Exception as e:  # keep waiting for the rest: their buffers are still in use
                 first = first or e
         if first is not None:
             raise first
