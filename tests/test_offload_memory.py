@@ -16,11 +16,11 @@ from shardwise.testing.multiproc import run_distributed
 
 from trainer_runs import build_trainer, tiny_overrides
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500), pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
 
-# ~330M parameters in 88 blocks of hidden 512 (8 heads, 2 KV heads) and SwiGLU 2048; byte vocabulary: many
+# ~340M parameters in 90 blocks of hidden 512 (8 heads, 2 KV heads) and SwiGLU 2048; byte vocabulary: many
 # small units (15 MB each in fp32), so the working set is a few units plus the optimizer's staging buffers.
-LAYERS = 88
+LAYERS = 90
 MODEL = ["model.hidden_size=512", f"model.num_layers={LAYERS}", "model.num_heads=8", "model.num_kv_heads=2",
          "model.ffn_hidden_size=2048"]
 PARAMS = LAYERS * (2 * 512 * 512 + 2 * 512 * 128 + 3 * 512 * 2048 + 2 * 512) + 2 * 320 * 512 + 512

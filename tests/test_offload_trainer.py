@@ -68,17 +68,16 @@ def test_every_tier_and_stage_is_bit_identical_to_no_offload(cache_dir, tmp_path
     assert res["z3_nvme_params"]["swap_existed"] and not os.path.exists(res["z3_nvme_params"]["swap_dir"])
 
 
-def _fit_and_stop(rank, world, overrides, run_dir, stop_at, truncate_at=None):
-    """Fit `overrides`; stop cleanly after step `stop_at` (as on SIGTERM). truncate_at: after that step,
-    truncate the master swap file and train on (the error is returned)."""
-    tr = build_trainer(overrides, world, run_dir)
-    step = tr.train_step
+def _fit_and_stop(overrides, run_dir, stop_at=None, truncate_at=None):
+    """Fit `overrides`; stop cleanly after step `stop_at` (as on SIGTERM). truncate_at: before the step after
+    that one, truncate the master swap file (checkpoint `truncate_at` is committed by then) and train on."""
+    tr = build_trainer(overrides, 1, run_dir)
+    start, step = tr.step, tr.train_step
 
     def wrapped():
-        m = step()
         if tr.step == truncate_at:
-            path = tr.engine.tier.store.paths["master"]
-            os.truncate(path, 4096)
+            os.truncate(tr.engine.tier.store.paths["master"], 4096)
+        m = step()
         if tr.step == stop_at:
             tr.stop_requested = True
         return m
@@ -87,53 +86,54 @@ def _fit_and_stop(rank, world, overrides, run_dir, stop_at, truncate_at=None):
         tr.fit()
     except OSError as e:
         return {"error": str(e), "step": tr.step}
-    out = {"params": tr.full_state_dict(), "step": tr.step}
+    out = {"start": start, "step": tr.step, "params": tr.full_state_dict()}
     tr.close()
     return out
 
 
-def _resume(rank, world, overrides, run_dir):
-    tr = build_trainer(overrides, world, run_dir)
-    start = tr.step
-    tr.fit()
-    out = {"start": start, "params": tr.full_state_dict()}
-    tr.close()
+def _checkpoint_runs(rank, world, base, nvme, tmp):
+    """All runs of the checkpoint test in one process (spawning costs more than these tiny runs)."""
+    import shutil
+    tmp = Path(tmp)
+    ck = lambda d: [f"fault_tolerance.checkpoint_dir={tmp / d}", "fault_tolerance.checkpoint_every=1"]  # noqa: E731
+    out = {"ref": _fit_and_stop(base, tmp / "ref"),
+           "a_stop": _fit_and_stop(base + nvme + ck("a"), tmp / "a0", stop_at=3)}  # NVMe, params too
+    for tier in ("cpu", "none"):  # resumed on the CPU tier and without offload
+        shutil.copytree(tmp / "a", tmp / f"a_{tier}")
+        out[f"a_{tier}"] = _fit_and_stop(base + [f"offload={tier}"] + ck(f"a_{tier}"), tmp / f"a1_{tier}")
+    out["b_stop"] = _fit_and_stop(base + ck("b"), tmp / "b0", stop_at=2)  # no offload -> resumed on NVMe
+    out["b_nvme"] = _fit_and_stop(base + nvme + ck("b"), tmp / "b1")
+    out["c_bad"] = _fit_and_stop(base + nvme + ck("c"), tmp / "c0", truncate_at=2)
+    out["c_resume"] = _fit_and_stop(base + ck("c"), tmp / "c1")
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_checkpoint_moves_between_tiers_and_a_truncated_swap_file_is_a_clear_error(cache_dir, tmp_path):
     nv = tmp_path / "nvme"
     nv.mkdir()
     # A fixed schedule length, so a run stopped early and its resumed continuation see the same learning rates.
-    base = lambda *e: tiny_overrides("tiny_moe", cache_dir, "optim.decay_steps=5", "zero=stage3", *e)  # noqa: E731
-    ck = lambda d: [f"fault_tolerance.checkpoint_dir={tmp_path / d}", "fault_tolerance.checkpoint_every=1"]  # noqa: E731
-    ref, = run_distributed(fit_runs, 1, [base()], str(tmp_path / "ref"), _summary, timeout=240)[0]
-    # nvme (params too) -> stopped after step 3 -> resumed on the CPU tier and without offload
-    stopped = run_distributed(_fit_and_stop, 1, base(*_nvme(nv, "offload.params=nvme"), *ck("a")),
-                              str(tmp_path / "a0"), 3, timeout=240)[0]
-    assert stopped["step"] == 3
-    for tier, d in (("offload=cpu", "a1"), ("offload=none", "a2")):
-        import shutil
-        shutil.copytree(tmp_path / "a", tmp_path / f"a_{d}")
-        got = run_distributed(_resume, 1, base(tier, f"fault_tolerance.checkpoint_dir={tmp_path / f'a_{d}'}",
-                                               "fault_tolerance.checkpoint_every=1"), str(tmp_path / d), timeout=240)[0]
-        assert got["start"] == 3
-        assert all(torch.equal(got["params"][k], ref["params"][k]) for k in ref["params"]), f"resumed with {tier}"
-    # no offload -> stopped -> resumed on NVMe
-    run_distributed(_fit_and_stop, 1, base(*ck("b")), str(tmp_path / "b0"), 2, timeout=240)
-    got = run_distributed(_resume, 1, base(*_nvme(nv, "offload.params=nvme"), *ck("b")), str(tmp_path / "b1"),
-                          timeout=240)[0]
-    assert got["start"] == 2 and all(torch.equal(got["params"][k], ref["params"][k]) for k in ref["params"])
-    # The master swap file truncated after step 2: the next read names the file and offset; checkpoint 2 loads.
-    bad = run_distributed(_fit_and_stop, 1, base(*_nvme(nv, "offload.params=nvme"), *ck("c")), str(tmp_path / "c0"),
-                          None, 2, timeout=240)[0]
+    base = tiny_overrides("tiny_moe", cache_dir, "optim.decay_steps=5", "zero=stage3")
+    r = run_distributed(_checkpoint_runs, 1, base, _nvme(nv, "offload.params=nvme"), str(tmp_path), timeout=600)[0]
+    ref = r["ref"]["params"]
+
+    def same(run):
+        return all(torch.equal(run["params"][k], ref[k]) for k in ref)
+    assert r["a_stop"]["step"] == 3
+    for tier in ("cpu", "none"):
+        assert r[f"a_{tier}"]["start"] == 3 and same(r[f"a_{tier}"]), f"NVMe checkpoint resumed with offload={tier}"
+    assert r["b_stop"]["step"] == 2 and r["b_nvme"]["start"] == 2 and same(r["b_nvme"]), "resumed on NVMe"
+    # The master swap file truncated after checkpoint 2: the next read names the file, the offset and the cause;
+    # checkpoint 2 is intact and a resumed run continues bit-identically.
+    bad = r["c_bad"]
     assert "error" in bad and bad["step"] == 2, bad
     assert "master.swp" in bad["error"] and "offset" in bad["error"] and "truncated" in bad["error"], bad["error"]
-    got = run_distributed(_resume, 1, base(*ck("c")), str(tmp_path / "c1"), timeout=240)[0]
-    assert got["start"] == 2 and all(torch.equal(got["params"][k], ref["params"][k]) for k in ref["params"])
+    assert r["c_resume"]["start"] == 2 and same(r["c_resume"])
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_offload_composes_with_hierarchy_tp_ep_and_pp_bit_identically(cache_dir, tmp_path):
     nv = tmp_path / "nvme"
     nv.mkdir()

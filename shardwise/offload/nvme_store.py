@@ -49,6 +49,9 @@ class NvmeStore:
                 off += r.nbytes
             self.sg[kind], self.unit[kind] = regs, units
             self.paths[kind] = space.file(f"{prefix}{kind}.swp", max(off, ALIGN))
+        self._by_unit: dict[int, list] = {}
+        for i, g in enumerate(groups):
+            self._by_unit.setdefault(g.unit, []).append((i, g))
         self.max_sg_bytes = max([r.nbytes for regs in self.sg.values() for r in regs] or [ALIGN])
         self.max_unit_bytes = max([r.nbytes for us in self.unit.values() for r in us.values()] or [ALIGN])
 
@@ -81,7 +84,7 @@ class NvmeStore:
         return self.aio.submit_write(buf[: r.nbytes], self.paths[kind], r.offset)
 
     def _unit_groups(self, unit: int):
-        return [(i, g) for i, g in enumerate(self.groups) if g.unit == unit]
+        return self._by_unit.get(unit, [])
 
     def compact(self, kind: str, unit: int, buf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The contiguous shard (`out`, typed) from the padded unit image in `buf` (uint8)."""

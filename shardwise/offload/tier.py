@@ -55,6 +55,7 @@ class OffloadTier:
                     self.pieces.append((u, pc))
             unit_pieces.append((u.idx, u.layout.shard_numel, ps))
         self.groups = plan(unit_pieces, cfg.sub_group_numel)
+        self._unit_pieces = {ui: [p[0] for p in ps] for ui, _, ps in unit_pieces}
         self.grads_out = self.nvme and engine.stage >= 2
         self.params_nvme = cfg.params == "nvme"
         self.piece_sq = torch.zeros(len(self.pieces), dtype=torch.float32)
@@ -131,9 +132,9 @@ class OffloadTier:
         """u's reduced gradient shard is final for this step: keep its pieces' square sums, write it out, and
         drop it from memory (the engine's u.grad_shard becomes None)."""
         g = u.grad_shard
-        for i, (pu, pc) in enumerate(self.pieces):
-            if pu is u:
-                self.piece_sq[i] = g[pc.lo: pc.hi].float().pow(2).sum()
+        for i in self._unit_pieces[u.idx]:
+            pc = self.pieces[i][1]
+            self.piece_sq[i] = g[pc.lo: pc.hi].float().pow(2).sum()
         while self.unit_pool.in_use >= self.unit_pool.count:
             self._retire_grad_write()
         buf = self.unit_pool.acquire()
@@ -174,11 +175,12 @@ class OffloadTier:
         try:
             self.aio.wait(h)
             kind = "param" if "param" in self.store.kinds else "master"
-            out = self.store.compact(kind, u.idx, buf, torch.empty(u.layout.shard_numel, dtype=self.engine.param_dtype,
-                                                                   pin_memory=self.pin))
+            # Straight from the (pinned) read buffer into a device tensor, blocking: the read buffer goes back
+            # to the pool right after, and no pinned memory is allocated per gather.
+            out = torch.empty(u.layout.shard_numel, dtype=self.engine.param_dtype, device=self.engine.device)
+            return self.store.compact(kind, u.idx, buf, out)
         finally:
             self.unit_pool.release(buf)
-        return out.to(self.engine.device, non_blocking=True)
 
     def drop_reads(self) -> None:
         """Forget shard reads no gather took (the step is about to change the masters they read)."""

@@ -13,8 +13,12 @@ The engine is split by job, each a mixin over the same `Unit` objects (unit.py: 
 exist at which stage, and `Unit.optim_grad`, the one place that picks the gradient buffer the optimizer
 reads): parameter gathering and freeing (gather.py), gradient reduction (reduce.py) in a fixed unit order
 (order.py), the optimizer step, clipping and write-back (step.py), and state dicts (state.py). This file
-builds the units (materialising meta-device parameters one unit at a time) and registers the hooks. An
-offload tier or an outer optimizer replaces one job (step.py, say) without touching the others.
+builds the units (materialising meta-device parameters one unit at a time) and registers the hooks.
+With `offload` (shardwise.offload: `offload.optimizer=cpu|nvme`) the fp32 masters and AdamW moments live
+in the tier (host memory or swap files; `u.master` is then the host tensor or None) and `engine.optimizer`
+is the tier's pipelined CPU AdamW; at stages 2-3 on NVMe a unit's reduced gradient shard leaves memory as
+its reduction finishes (its square sums kept for clipping), and with `offload.params=nvme` the stage-3
+shards are read ahead of each gather (docs/offload.md).
 
 Per unit (a transformer block; the embedding; the final norm + head; or, with tied embeddings, one unit
 for all root parameters) the engine keeps: `flat` (compute dtype, padded to a multiple of the dp size G;
@@ -213,9 +217,11 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerS
                 u.shard = None
             elif self.param_dtype == torch.float32 and u.master is not None and u.master.device == self.device:
                 u.shard = u.master
-            else:
-                home = self.device if self.tier is None or self.tier.cfg.params == "none" else torch.device("cpu")
-                u.shard = u.flat[sl].to(home, copy=True)
+            elif self.tier is None or self.tier.cfg.params == "none":
+                u.shard = u.flat[sl].clone()
+            else:  # offload.params=cpu: host memory, pinned on GPUs for the copy before each gather
+                u.shard = torch.empty(lay.shard_numel, dtype=self.param_dtype, pin_memory=self.tier.pin)
+                u.shard.copy_(u.flat[sl])
             self._free(u)
         if self.qg_bits and self.error_feedback:
             big = [l for l, s in enumerate(self.topo.sizes) if s > 1]

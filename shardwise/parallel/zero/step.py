@@ -58,9 +58,10 @@ class OptimizerStepMixin:
         over tp, replicated ones counted once); same formula as torch.nn.utils.clip_grad_norm_. Call after
         the last (synchronised) backward. Returns the total norm (fp32 scalar, identical on all ranks)."""
         sq = torch.zeros(2, dtype=torch.float32, device=self.device)  # [tp-sharded, replicated]
-        out = self.tier is not None and self.tier.grads_out  # gradients on NVMe: their squares were kept
+        # Gradients on NVMe: their pieces' square sums were kept as they left memory (tier.grad_out).
+        kept = self.tier.piece_sq.to(self.device) if self.tier is not None and self.tier.grads_out else None
         for i, (u, pc, v) in enumerate(self._opt_pieces):
-            x = self.tier.piece_sq[i].to(self.device) if out else u.optim_grad[pc.lo: pc.hi].float().pow(2).sum()
+            x = kept[i] if kept is not None else u.optim_grad[pc.lo: pc.hi].float().pow(2).sum()
             sq[0 if not self._tp_rep(pc.slot.name) else 1] += x
         if self.stage >= 1 and self.topo.dp_size > 1:
             self.topo.dp.all_reduce(sq)
@@ -102,41 +103,33 @@ class OptimizerStepMixin:
             u.shard[lo: hi].copy_(master)
 
     def _after_step(self) -> None:
-        if self.tier is not None:  # the tier wrote every master through _write_back already
-            self._after_tier_step()
-            return
-        if self.stage == 0:
+        """Put the updated fp32 masters where the compute parameters come from. With an offload tier, stage 0
+        and stage 3 were written sub-group by sub-group (_write_back); stages 1-2 gather here either way."""
+        if self.stage == 0 and self.tier is None:
             for u in self.units:
                 u.flat.copy_(u.master)
         elif self.stage in (1, 2):
             k = len(self.topo.sizes)
-            chains = [(u, GatherChain(self.topo, u.master.to(self.param_dtype), list(range(k - 1, -1, -1)),
-                                      u.flat).start()) for u in self.units]
+            chains = [(u, GatherChain(self.topo, self._updated_shard(u), list(range(k - 1, -1, -1)), u.flat).start())
+                      for u in self.units]
             for u, ch in chains:
                 x = ch.finish()
                 if x.data_ptr() != u.flat.data_ptr():
                     u.flat.copy_(x)
-        else:
+        elif self.stage == 3 and self.tier is None:
             for u in self.units:
                 if u.shard is not u.master:  # fp32: one buffer already (engine._init_unit)
                     u.shard.copy_(u.master)
         self._last_bytes = self.counter.snapshot()
         self.counter.reset()
 
-    def _after_tier_step(self) -> None:
-        if self.stage in (1, 2):  # gather the updated own shards of the flat buffers (written by _write_back)
-            k = len(self.topo.sizes)
-            chains = []
-            for u in self.units:
-                o, n = u.layout.shard_offset, u.layout.shard_numel
-                chains.append((u, GatherChain(self.topo, u.flat[o: o + n].clone(), list(range(k - 1, -1, -1)),
-                                              u.flat).start()))
-            for u, ch in chains:
-                x = ch.finish()
-                if x.data_ptr() != u.flat.data_ptr():
-                    u.flat.copy_(x)
-        self._last_bytes = self.counter.snapshot()
-        self.counter.reset()
+    def _updated_shard(self, u) -> torch.Tensor:
+        """Stages 1-2: this rank's updated slice in the param dtype, the input of the gather into u.flat (a
+        copy of the flat buffer's own slice when the tier wrote it there: the gather's output overlaps it)."""
+        if self.tier is None:
+            return u.master.to(self.param_dtype)
+        o, n = u.layout.shard_offset, u.layout.shard_numel
+        return u.flat[o: o + n].clone()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for u in self.units:

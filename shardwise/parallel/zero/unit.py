@@ -15,6 +15,9 @@ Which buffer exists at which stage (G = dp size; sizes in elements of the unit's
 | `ef`         | fp32    | -            | qgZ residual | qgZ residual                                  |
 
 `optim_grad` is the one place that says which of them the optimizer reads and clipping scales.
+With an offload tier (shardwise.offload) `master` is a host tensor (`cpu`) or None (`nvme`: in the swap
+files), stage-3 `shard` may live on the host or be None (`offload.params=nvme`), and on NVMe at stages 2-3
+`grad_shard` exists only from a step's first reduction of the unit until the tier has written it out.
 """
 from __future__ import annotations
 
