@@ -110,3 +110,16 @@ def test_meta_shares_match_the_estimate_and_the_budget_is_enforced(capsys):
     assert main(["recipe=mixtral_8x7b_64gpu", "--world-size", "64", "zero=stage0", "trainer.memory_budget_gib=20"]) == 2
     err = capsys.readouterr().err
     assert "need 27.5 GiB, over trainer.memory_budget_gib=20" in err and "zero.stage" in err
+    # With the optimizer state offloaded to the host, the same layout fits: the budget counts device memory.
+    assert main(["recipe=mixtral_8x7b_64gpu", "--world-size", "64", "zero=stage0", "offload=cpu",
+                 "trainer.memory_budget_gib=20"]) == 0
+
+
+def test_share_formula_counts_only_what_stays_on_the_device():
+    from shardwise.parallel.share import RankShare
+    base = dict(rank=0, pp_stage=0, dense_elements=1000, expert_elements=0, largest_unit=0, dp=4, edp=4, param_bytes=4)
+    assert RankShare(stage=3, **base).state_bytes() == 16 * 1000 / 4  # fp32: the shard is the master
+    assert RankShare(stage=3, offload_optimizer="cpu", **base).state_bytes() == 8 * 1000 / 4  # shard + grad shard
+    assert RankShare(stage=3, offload_optimizer="nvme", offload_params="nvme", **base).state_bytes() == 0
+    assert RankShare(stage=2, offload_optimizer="nvme", **base).state_bytes() == 4 * 1000  # full params only
+    assert RankShare(stage=1, offload_optimizer="cpu", **base).state_bytes() == 8 * 1000  # params + full grads

@@ -16,6 +16,11 @@ routed experts), u = the largest unit's elements (in flight while it is gathered
     stage 2: P + 16 / G                               + 4 u (one unit's fp32 gradient while it reduces)
     stage 3: (P + 16) / G, 16 / G for fp32            + (P + 4) u (one gathered unit and its gradient)
 
+With an offload tier (`offload.optimizer=cpu|nvme`) the 12 bytes of fp32 master + AdamW moments per owned
+element leave the device (a stage-3 fp32 shard is then its own 4 bytes, unless `offload.params` moves it
+too); on NVMe at stages 2-3 the 4-byte reduced gradient shard leaves as well. The figures are device
+memory: what the tier keeps on the host or on NVMe is not counted.
+
 Activations are not here (shardwise.parallel.moe_estimate gives a coarse figure); `trainer.memory_budget_gib`
 makes shardwise-validate refuse a layout whose model states alone exceed the budget.
 """
@@ -43,14 +48,20 @@ class RankShare:
     edp: int
     stage: int
     param_bytes: int
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
 
     def state_bytes(self) -> float:
-        """Model states this rank holds at its peak (the formula of the module docstring)."""
-        P, s = self.param_bytes, self.stage
+        """Model states this rank holds on the device at its peak (the formulas of the module docstring)."""
+        P, s, opt = self.param_bytes, self.stage, self.offload_optimizer != "none"
+        grads_out = self.offload_optimizer == "nvme" and s >= 2
+        shard = 0.0 if self.offload_params != "none" else P
 
         def per_element(g: int) -> float:
-            # stage 3 with fp32 parameters: the shard is the fp32 master slice itself (no P).
-            return {0: P + 16.0, 1: P + 4.0 + 12.0 / g, 2: P + 16.0 / g, 3: ((P if P != 4 else 0) + 16.0) / g}[s]
+            if not opt:  # stage 3 with fp32 parameters: the shard is the fp32 master slice itself (no P).
+                return {0: P + 16.0, 1: P + 4.0 + 12.0 / g, 2: P + 16.0 / g, 3: ((P if P != 4 else 0) + 16.0) / g}[s]
+            grad = 0.0 if grads_out else 4.0
+            return {0: P + 4.0, 1: P + 4.0, 2: P + grad / g, 3: (shard + grad) / g}[s]
         flight = {0: 0.0, 1: 0.0, 2: 4.0, 3: P + 4.0}[s] * self.largest_unit
         return self.dense_elements * per_element(self.dp) + self.expert_elements * per_element(self.edp) + flight
 
@@ -72,7 +83,8 @@ def _share_of(cfg, world_size: int, rank: int) -> RankShare:
         dense = sum(p.numel() for n, p in named) - expert
         unit = max(sum(p.numel() for _, p in u.params) for u in _units(model))
         return RankShare(rank, dims.my_coords["pp"], dense, expert, unit, dims.dp, max(1, dims.dp // dims.ep),
-                         cfg.zero.stage, _PARAM_BYTES.get(_param_dtype(cfg), 4))
+                         cfg.zero.stage, _PARAM_BYTES.get(_param_dtype(cfg), 4), cfg.offload.optimizer,
+                         cfg.offload.params)
     finally:
         dist.destroy_process_group()
 
