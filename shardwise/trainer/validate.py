@@ -194,6 +194,10 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
             problems.append(f"zero.secondary_partition_level={cfg.zero.secondary_partition_level}: that level has "
                             "one rank here (set parallel.dp_pair/dp_node), so hpZ would keep a full copy")
 
+    from ..parallel.co2.config import validate_run as validate_co2
+
+    problems += validate_co2(cfg)
+
     from ..fault_tolerance.config import validate_ft
 
     # Nodes for the erasure-coding groups: parallel.ranks_per_node, else (launcher) one node per job here;
