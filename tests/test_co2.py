@@ -21,7 +21,6 @@ cross-misses). AdamW case: param_tolerance of the inner schedule (tolerance.py);
 import math
 
 import torch
-import torch.distributed as dist
 
 from shardwise.testing import run_distributed
 from shardwise.testing.tolerance import assert_params_close, expect_mismatch, param_tolerance
@@ -53,7 +52,8 @@ def _run(rank, world, stage, cfg_kw, steps, sgd=True, grad_clip=0.0, groups=None
         use_sgd(e, LR)
     co2 = _co2(e, inter_g, **cfg_kw)
     losses = node_train(e, tiny_config(moe=True), rank // 2, 2, rank % 2, 2, 1, steps, node_g,
-                        grad_clip=grad_clip, schedule=not sgd if schedule is None else schedule, after_step=probe and (lambda s: probe(e, co2, s)))
+                        grad_clip=grad_clip, schedule=not sgd if schedule is None else schedule,
+                        after_step=probe and (lambda s: probe(e, co2, s)))
     return e, co2, losses
 
 

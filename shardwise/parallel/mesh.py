@@ -117,7 +117,8 @@ class ParallelDims:
             base = c["dp_inter"] * inner
             ranks = [self.rank_of(c["tp"], base + i, c["pp"]) for i in range(inner)]
             return ranks if name == "dp_intra" else [r for r in ranks if self.coords(r)["ep"] == c["ep"]]
-        raise KeyError(f"unknown group {name!r}; known: tp, dp, {', '.join(DP_LEVELS)}, pp, ep, edp, dp_intra, edp_intra")
+        raise KeyError(f"unknown group {name!r}; known: tp, dp, {', '.join(DP_LEVELS)}, pp, ep, edp, dp_intra, "
+                       "edp_intra")
 
     def node_of(self, rank: int) -> int:
         return rank // self.ranks_per_node

@@ -306,6 +306,8 @@ class Trainer:
                 if self.stop_requested:
                     log.warning("stop requested (SIGTERM): finished step %d cleanly and stopping", self.step)
                     break
+            if self.co2 is not None:
+                self.co2.wait()  # the last round's all-reduce: no collective left in flight at exit
         finally:
             self.metrics.close()
             if self.ft is not None:

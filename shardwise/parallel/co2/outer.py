@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -85,7 +84,8 @@ class CO2Outer:
         self.counter = ByteCounter()
         self.inter = Group(inter_group, "level.inter", ranks_per_node, self.counter)
         self.tau, self.workers = cfg.local_steps, self.inter.size
-        self.beta, self.lam, self.alpha, self.phi = outer_momentum(cfg, self.workers), cfg.penalty, cfg.outer_lr, cfg.clip
+        self.beta, self.lam = outer_momentum(cfg, self.workers), cfg.penalty
+        self.alpha, self.phi = cfg.outer_lr, cfg.clip
         self.device = self.engines[0].device
         self.spans, self.pieces = self._layout()
         numel = sum(s.n for s in self.spans)
@@ -143,6 +143,10 @@ class CO2Outer:
             self.outer_step()
         self.window.append(self.counter.snapshot())
         self.counter.reset()
+
+    def wait(self) -> None:
+        """Complete the in-flight all-reduce, if any (its result stays pending for the next outer step)."""
+        self._wait()
 
     def _wait(self) -> None:
         if self.work is not None:
