@@ -84,7 +84,8 @@ def _train(a, name: str) -> dict[str, float]:
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    CURVES.setdefault(name, {"loss": [(r["step"], r["loss"]) for r in train], "eval": evals})
+    CURVES.setdefault(name, {"loss": [(r["step"], r["loss"]) for r in train], "eval": evals,
+                             "step_time_s": [(r["step"], r["step_time_s"]) for r in train]})
     timed = [r for r in train if r["step"] > a.skip] or train
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
             "step_time_s": statistics.median(r["step_time_s"] for r in timed),

@@ -133,7 +133,8 @@ class Trainer:
         self.peak_flops = peak_tflops(env.device, t.peak_tflops) * 1e12
         self.metrics = MetricsLogger(cfg.logging, run_dir, env.is_main, t.max_steps, run_name=run_name)
         self.step = 0
-        self.stop_requested = False
+        self.stop_requested = False  # this rank's request (SIGTERM); stop_agreed: every rank's, acted upon
+        self.stop_agreed = False
         # --- fault tolerance (shardwise.fault_tolerance.trainer_hooks): SMP snapshots, recovery, injection ---
         from ..fault_tolerance.trainer_hooks import FaultTolerance
         self.ft = FaultTolerance.build(self)
@@ -216,21 +217,30 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if self.ft is not None:
             self.ft.before_optimizer_step()  # the in-flight snapshot reads the buffers this step overwrites
-        self.optimizer.step()
-        self.scheduler.step()
-        self.engine.zero_grad()
-        self.step += 1
-
-        # One small collective carries the step's metrics and the stop flag (SIGTERM on any rank).
+        # One small collective carries the step's metrics and the stop flag (SIGTERM on any rank). Under CO2 the
+        # nodes exchange nothing inside a round: it is summed over the node only, and over all nodes on a round's
+        # last step, BEFORE that step's optimizer step launches the outer all-reduce (on a slow link a small
+        # message queued behind that transfer waits for all of it); a stop request takes effect there. Global
+        # expert counts (balancing bias) are needed every step: then every step reduces over all of dp.
         parts = [ce_total.reshape(1), aux_total.reshape(1), dropped.reshape(1),
                  torch.tensor([float(self.stop_requested)], device=self.env.device), local_tokens]
         if expert_counts is not None:
             parts.append(expert_counts.flatten())
-        packed = all_reduce_sum(torch.cat(parts), self.dp_group).cpu()  # [4]: the tokens of the whole dp group
-        stop = packed[3:4].clone()
-        if self.dp_size != self.env.world_size:  # metrics are replicated over tp; the stop flag is not
-            stop = all_reduce_sum(stop.to(self.env.device), None).cpu()
-        self.stop_requested = bool(stop[0] > 0)
+        node_only = self.co2 is not None and self.bias_rows is None
+        cross = not node_only or (self.co2.inner_steps + 1) % self.co2.tau == 0
+        packed = all_reduce_sum(torch.cat(parts), self.dp_group).cpu() if cross and node_only else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.engine.zero_grad()
+        self.step += 1
+        if packed is None:  # [4]: the tokens of the reduced ranks
+            packed = all_reduce_sum(torch.cat(parts), self.dp_group if cross else self.sync_group).cpu()
+        n_micro = self.num_micro_global if cross else self.num_micro_sync
+        if cross:
+            stop = packed[3:4].clone()
+            if self.dp_size != self.env.world_size:  # metrics are replicated over tp; the stop flag is not
+                stop = all_reduce_sum(stop.to(self.env.device), None).cpu()
+            self.stop_requested = self.stop_agreed = bool(stop[0] > 0)
         step_time = time.perf_counter() - t0
         tokens = self.cfg.data.global_batch_size * self.cfg.data.seq_len
         tps = tokens / step_time
@@ -248,8 +258,8 @@ class Trainer:
             counts = packed[5:].view_as(expert_counts)
             if self.bias_rows is not None:  # the global counts: every rank moves its balancing bias the same way
                 update_expert_bias(self.raw_model, counts, self.bias_rows)
-            m["aux_loss"] = float(packed[1] / self.num_micro_global)
-            m["moe_dropped_fraction"] = float(packed[2] / self.num_micro_global)
+            m["aux_loss"] = float(packed[1] / n_micro)
+            m["moe_dropped_fraction"] = float(packed[2] / n_micro)
             # Load of the busiest expert relative to a perfectly balanced router (1.0 = balanced).
             m["moe_max_load"] = float((counts.max(dim=1).values / counts.mean(dim=1)).max())
             m["moe_tokens_per_expert"] = counts.sum(0).tolist()
@@ -295,7 +305,7 @@ class Trainer:
                 m = self.train_step()
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     m["eval_loss"] = self.evaluate()
-                if self.step % t.log_every == 0 or self.step == t.max_steps or self.stop_requested or "eval_loss" in m:
+                if self.step % t.log_every == 0 or self.step == t.max_steps or self.stop_agreed or "eval_loss" in m:
                     self.metrics.log(self.step, m)
                     history.append({"step": self.step, **m})
                 self.metrics.advance()
@@ -303,7 +313,7 @@ class Trainer:
                     self.ft.after_step(self)  # async snapshot of this step (after its world-wide collectives)
                 if self.checkpointer is not None:
                     self.checkpointer.after_step(self)  # durable checkpoint (async; blocks for the host copy only)
-                if self.stop_requested:
+                if self.stop_agreed:
                     log.warning("stop requested (SIGTERM): finished step %d cleanly and stopping", self.step)
                     break
             if self.co2 is not None:
