@@ -61,6 +61,17 @@ def test_co2_config_errors():
     assert "fault_tolerance.snapshot_every=1" in problems(4, "fault_tolerance=snapshots")
 
 
+def test_intra_node_groups():
+    """dp_intra = the dp ranks of a node (same tp rank), edp_intra = those with the same experts."""
+    from shardwise.parallel.mesh import ParallelDims
+    from shardwise.trainer.config import ParallelConfig
+    dims = ParallelDims.from_config(ParallelConfig(tp=2, dp_node=2, ep=2, ranks_per_node=4), 8)
+    assert [dims.group_ranks("dp_intra", r) for r in (0, 1, 5)] == [[0, 2], [1, 3], [5, 7]]
+    assert [dims.group_ranks("edp_intra", r) for r in (0, 2, 7)] == [[0], [2], [7]]
+    dims = ParallelDims.from_config(ParallelConfig(dp_pair=2, dp_node=2, ep=2, ranks_per_node=4), 8)
+    assert dims.group_ranks("edp_intra", 4) == [4, 6] and dims.group_ranks("dp_intra", 6) == [4, 5, 6, 7]
+
+
 def _layouts(rank, world, runs, run_dir):
     return fit_runs(rank, world, runs, run_dir, _summary)
 

@@ -8,6 +8,8 @@ emulation), runs torchrun in every node (`--nproc` ranks each, `parallel.ranks_p
 batch, inner AdamW and LR schedule, fp32; ZeRO-3 inside each node over dp_node = nproc):
   co2      co2=default with co2.local_steps=--tau: synchronous inside the node, one asynchronous all-reduce of
            the node-sharded pseudo-gradient across nodes per round, overlapped with the next round
+  co2_nolag  (not by default) the same with co2.overlap=false: each round's all-reduce is waited for and applied
+           at once (no staleness, the exchange not hidden: periodic averaging, DiLoCo-style)
   hier     synchronous hierarchical ZeRO-3 over [node, inter] (gradients reduce-scattered inside the node,
            then across nodes, every step)
   zeropp   zero=zeropp over [node, inter]: + hpZ inside the node, int8 weight gathers, int8 inter-node gradients
@@ -45,6 +47,8 @@ from harness import Variant, run_benchmark  # noqa: E402
 from shardwise.comm.emulated_cluster import unavailable_reason  # noqa: E402
 
 LAYOUTS = {"co2": ["co2=default", "co2.local_steps={tau}", "zero.stage=3", "parallel.dp_node={nproc}"],
+           "co2_nolag": ["co2=default", "co2.local_steps={tau}", "co2.overlap=false", "zero.stage=3",
+                         "parallel.dp_node={nproc}"],
            "hier": ["zero.stage=3", "parallel.dp_node={nproc}"],
            "zeropp": ["zero=zeropp", "parallel.dp_node={nproc}"]}
 UNLIMITED = "100gbit"
