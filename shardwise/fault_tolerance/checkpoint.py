@@ -165,6 +165,11 @@ class DurableCheckpointer:
                        "dp": dims.dp, "dp_levels": (dims.dp_pair, dims.dp_node, dims.dp_inter),
                        "zero_stage": self.engine.stage, "param_dtype": str(self.engine.param_dtype),
                        "model": trainer.cfg.model.name}
+        # CO2 (shardwise/parallel/co2/state.py): the inner AdamW moments differ between nodes (keys per node).
+        self.co2 = getattr(trainer, "co2", None)
+        self.replica = f"replica{dims.my_coords['dp_inter']}." if self.co2 is not None else ""
+        if self.co2 is not None:
+            self.layout["co2"] = {"workers": self.co2.workers, "local_steps": self.co2.tau}
         self._host: dict[str, torch.Tensor] = {}
         self._future, self._inflight = None, None
         self.last_blocked_s = 0.0  # seconds the last save() blocked the caller (host copy + submit)
@@ -194,13 +199,16 @@ class DurableCheckpointer:
         out: dict = {}
         for name, e in zsd["params"].items():
             lo, hi = e["flat_range"]
-            for key, field in ((name, "master"), (f"optim.{name}.exp_avg", "exp_avg"),
-                               (f"optim.{name}.exp_avg_sq", "exp_avg_sq")):
+            for key, field in ((name, "master"), (f"optim.{self.replica}{name}.exp_avg", "exp_avg"),
+                               (f"optim.{self.replica}{name}.exp_avg_sq", "exp_avg_sq")):
                 if field in e:
                     out[key] = sharded(self._stage(key, e[field]), lo, hi, e["global_shape"], self.tp_dim.get(name),
                                        self.tp_rank, self.tp_size)
             if "step" in e:
                 out[f"optim.{name}.step"] = torch.tensor(e["step"], dtype=torch.float32)
+        if self.co2 is not None:
+            from ..parallel.co2.state import dcp_entries
+            out.update(dcp_entries(self.co2, self._stage, self._sharded))
         keys = set(self.model.state_dict().keys())
         for n, b in self.model.named_buffers():
             if n in keys:
@@ -217,6 +225,14 @@ class DurableCheckpointer:
             out[f"train.zero_ef.rank{self.rank}"] = _blob(
                 {**ef, "residuals": {k: v.detach().cpu() for k, v in ef["residuals"].items()}})
         return out
+
+    def _sharded(self, flat, lo, hi, name, local_shape):
+        return sharded(flat, lo, hi, local_shape, self.tp_dim.get(name), self.tp_rank, self.tp_size)
+
+    def _moment_key(self, sdm, name: str, field: str) -> str:
+        """This node's CO2 key, else the synchronous run's, else node 0's (a CO2 checkpoint in a synchronous run)."""
+        keys = [f"optim.{self.replica}{name}.{field}", f"optim.{name}.{field}", f"optim.replica0.{name}.{field}"]
+        return next((k for k in keys if k in sdm), keys[0])
 
     def save(self, trainer) -> Path:
         """Start an asynchronous save of step ``trainer.step``; returns its directory once the state is in host
@@ -291,8 +307,8 @@ class DurableCheckpointer:
         bufs: dict[tuple[str, str], torch.Tensor] = {}
         for name, e in zsd["params"].items():
             lo, hi = e["flat_range"]
-            for key, field in ((name, "master"), (f"optim.{name}.exp_avg", "exp_avg"),
-                               (f"optim.{name}.exp_avg_sq", "exp_avg_sq")):
+            for key, field in ((name, "master"), (self._moment_key(sdm, name, "exp_avg"), "exp_avg"),
+                               (self._moment_key(sdm, name, "exp_avg_sq"), "exp_avg_sq")):
                 if key in sdm:
                     b = bufs[(name, field)] = torch.empty(hi - lo, dtype=torch.float32)
                     req[key] = sharded(b, lo, hi, e["global_shape"], self.tp_dim.get(name), self.tp_rank, self.tp_size)
@@ -301,6 +317,11 @@ class DurableCheckpointer:
         keys = set(self.model.state_dict().keys())
         mbufs = {n: b for n, b in self.model.named_buffers() if n in keys}
         req.update({n: torch.empty(b.shape, dtype=b.dtype) for n, b in mbufs.items()})
+        co2_bufs: dict = {}
+        if self.co2 is not None:
+            from ..parallel.co2.state import dcp_request
+            co2_req, co2_bufs = dcp_request(self.co2, sdm, self._sharded)
+            req.update(co2_req)
         try:
             dcp.load(req, checkpoint_id=str(path), process_group=self.group, no_dist=not self.dist)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
@@ -319,6 +340,12 @@ class DurableCheckpointer:
         if same and req.get(ef_key) is not None:  # another layout: the engine starts its residuals at zero
             zero_state["error_feedback"] = pickle.loads(req[ef_key])
         self.engine.load_sharded_state_dict(zero_state)
+        if self.co2 is not None:
+            from ..parallel.co2.state import load_dcp
+            try:
+                load_dcp(self.co2, req, co2_bufs, path)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
         with torch.no_grad():
             for n, b in mbufs.items():
                 b.copy_(req[n])

@@ -112,7 +112,13 @@ class ParallelDims:
             return [self.rank_of(c["tp"], base + i, c["pp"]) for i in range(self.ep)]
         if name == "edp":
             return [self.rank_of(c["tp"], c["ep"] + i * self.ep, c["pp"]) for i in range(self.edp)]
-        raise KeyError(f"unknown group {name!r}; known: tp, dp, {', '.join(DP_LEVELS)}, pp, ep, edp")
+        if name in ("dp_intra", "edp_intra"):  # the dp (edp) ranks of this rank's dp_inter block (its node)
+            inner = self.dp_pair * self.dp_node
+            base = c["dp_inter"] * inner
+            ranks = [self.rank_of(c["tp"], base + i, c["pp"]) for i in range(inner)]
+            return ranks if name == "dp_intra" else [r for r in ranks if self.coords(r)["ep"] == c["ep"]]
+        raise KeyError(f"unknown group {name!r}; known: tp, dp, {', '.join(DP_LEVELS)}, pp, ep, edp, dp_intra, "
+                       "edp_intra")
 
     def node_of(self, rank: int) -> int:
         return rank // self.ranks_per_node
@@ -159,11 +165,33 @@ class ParallelDims:
                     self._groups[name] = g
         return self
 
+    def build_intra_groups(self) -> "ParallelDims":
+        """Create `dp_intra` (the data-parallel ranks inside this rank's dp_inter block: dp_pair x dp_node) and
+        `edp_intra` (those of them with this rank's ep index), for engines that stop below dp_inter (CO2).
+        Collective: every rank calls it, after build_mesh; not created by default (most jobs never use them)."""
+        if not dist.is_initialized() or "dp_intra" in self._groups:
+            return self
+        me = dist.get_rank()
+        for name in ("dp_intra", "edp_intra"):
+            seen = set()
+            for r in range(self.world_size):
+                ranks = tuple(self.group_ranks(name, r))
+                if ranks in seen:
+                    continue
+                seen.add(ranks)
+                g = dist.new_group(list(ranks))
+                if me in ranks:
+                    self._groups[name] = g
+        return self
+
     def group(self, name: str):
-        """This rank's process group `name` (tp, dp, dp_pair, dp_node, dp_inter, pp, ep, edp);
-        None without a process group (single process)."""
-        if name not in (*MESH_DIMS, "dp", "ep", "edp"):
-            raise KeyError(f"unknown group {name!r}; known: tp, dp, {', '.join(DP_LEVELS)}, pp, ep, edp")
+        """This rank's process group `name` (tp, dp, dp_pair, dp_node, dp_inter, pp, ep, edp; dp_intra and
+        edp_intra after build_intra_groups); None without a process group (single process)."""
+        if name not in (*MESH_DIMS, "dp", "ep", "edp", "dp_intra", "edp_intra"):
+            raise KeyError(f"unknown group {name!r}; known: tp, dp, {', '.join(DP_LEVELS)}, pp, ep, edp, "
+                           "dp_intra, edp_intra")
+        if name in ("dp_intra", "edp_intra") and dist.is_initialized() and name not in self._groups:
+            raise RuntimeError(f"ParallelDims.group({name!r}): call build_intra_groups() first (collective)")
         return self._groups.get(name)
 
     @property

@@ -1,8 +1,8 @@
 """Typed configuration schema.
 
 Every group of the Hydra config (`model`, `parallel`, `optim`, `data`, `trainer`, `logging`) is a
-dataclass below; `zero`, `offload` and `fault_tolerance` live beside their code (`shardwise.parallel.zero.config`,
-`shardwise.offload.config`, `shardwise.fault_tolerance.config`). All are registered in Hydra's ConfigStore by `register_schemas()`. Recipes under `recipes/`
+dataclass below; `zero`, `offload`, `co2` and `fault_tolerance` live beside their code (`shardwise.parallel.zero.config`,
+`shardwise.offload.config`, `shardwise.parallel.co2.config`, `shardwise.fault_tolerance.config`). All are registered in Hydra's ConfigStore by `register_schemas()`. Recipes under `recipes/`
 only set values; the schema gives types (OmegaConf rejects a string where an int is expected) and the
 docstring of each field is its documentation. Cross-field rules live in `validate.py`.
 """
@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 
 from ..fault_tolerance.config import FaultToleranceConfig
 from ..offload.config import OffloadConfig
+from ..parallel.co2.config import CO2Config
 from ..parallel.zero.config import ZeroConfig
 
 
@@ -244,6 +245,7 @@ class ShardwiseConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    co2: CO2Config = field(default_factory=CO2Config)
     run_dir: Optional[str] = None
     """Output directory of this run (metrics.jsonl, config.yaml); null = runs/<recipe>/<run id>."""
 
@@ -258,6 +260,7 @@ GROUPS = {
     "zero": ZeroConfig,
     "fault_tolerance": FaultToleranceConfig,
     "offload": OffloadConfig,
+    "co2": CO2Config,
 }
 
 

@@ -85,14 +85,23 @@ class Trainer:
         # Data parallel (all stages, including replicated stage 0) through the ZeRO engine; it owns the
         # fp32 master weights and the AdamW optimizer on this rank's shard.
         self.pipeline = None
+        self.co2 = None  # the CO2 outer optimizer (co2.enabled; shardwise.parallel.co2)
         if self.dims.pp > 1:  # pipelined: a schedule runs the step (shardwise.trainer.pipeline_step)
             from .pipeline_step import PipelineStep
             self.pipeline = PipelineStep(self.model, self.dims, cfg, env.device, param_init)
             self.engine = self.pipeline.engine
+        elif cfg.co2.enabled:  # ZeRO over the node's levels; CO2 (its optimizer's post-step hook) owns dp_inter
+            from ..parallel.co2.build import build_co2_data_parallel
+            self.engine, self.co2 = build_co2_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, cfg.co2,
+                                                            env.device, param_init)
         else:
             self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device, param_init,
                                               offload=cfg.offload, rank=env.rank)
         self.raw_model = self.engine.module
+        # The loss normaliser spans the synchronous data-parallel ranks: all of dp, or under CO2 the node's
+        # (dp_pair x dp_node), whose summed gradient is then the mean over the node's tokens.
+        self.sync_group = self.dims.group("dp_intra") if self.co2 is not None else self.dp_group
+        self.sync_size = self.dp_size // (self.dims.dp_inter if self.co2 is not None else 1)
         # Auxiliary-loss-free balancing (model.moe.bias_update_rate > 0): the rows of the step's per-MoE-layer
         # count table that this rank's MoE layers update (a pipeline stage holds some of them).
         self.bias_rows: Optional[list[int]] = None
@@ -104,6 +113,7 @@ class Trainer:
 
         micro_per_rank = d.global_batch_size // (d.micro_batch_size * self.dp_size)
         self.num_micro_global = micro_per_rank * self.dp_size
+        self.num_micro_sync = micro_per_rank * self.sync_size  # the aux loss's normaliser (see sync_group)
         train_ds, valid_ds = build_datasets(
             d, seed=t.seed, train_samples=t.max_steps * d.global_batch_size,
             eval_samples=t.eval_iters * d.micro_batch_size if t.eval_every else 0,
@@ -124,7 +134,8 @@ class Trainer:
         self.peak_flops = peak_tflops(env.device, t.peak_tflops) * 1e12
         self.metrics = MetricsLogger(cfg.logging, run_dir, env.is_main, t.max_steps, run_name=run_name)
         self.step = 0
-        self.stop_requested = False
+        self.stop_requested = False  # this rank's request (SIGTERM); stop_agreed: every rank's, acted upon
+        self.stop_agreed = False
         # --- fault tolerance (shardwise.fault_tolerance.trainer_hooks): SMP snapshots, recovery, injection ---
         from ..fault_tolerance.trainer_hooks import FaultTolerance
         self.ft = FaultTolerance.build(self)
@@ -176,8 +187,8 @@ class Trainer:
         self.engine.train()
         micro_batches = [self._to_device(b) for b in self.data.next_step()]
         local_tokens = sum(b["loss_mask"].sum() for b in micro_batches)
-        global_tokens = all_reduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32, device=self.env.device).clone(),
-                                       self.dp_group).clamp_min(1.0)
+        local_tokens = torch.as_tensor(local_tokens, dtype=torch.float32, device=self.env.device).reshape(1)
+        global_tokens = all_reduce_sum(local_tokens.clone(), self.sync_group).clamp_min(1.0)[0]
         ce_total = torch.zeros((), device=self.env.device)
         aux_total = torch.zeros((), device=self.env.device)
         expert_counts: Optional[torch.Tensor] = None
@@ -192,7 +203,7 @@ class Trainer:
             with sync:
                 with self.autocast:
                     out = self.engine(mb["tokens"], mb["labels"], mb["loss_mask"], mb.get("position_ids"))
-                loss = out.ce_sum / global_tokens + out.aux_loss / self.num_micro_global
+                loss = out.ce_sum / global_tokens + out.aux_loss / self.num_micro_sync
                 loss.backward()
             ce_total += out.ce_sum.detach()
             aux_total += out.aux_loss.detach()
@@ -207,26 +218,35 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if self.ft is not None:
             self.ft.before_optimizer_step()  # the in-flight snapshot reads the buffers this step overwrites
+        # One small collective carries the step's metrics and the stop flag (SIGTERM on any rank). Under CO2 the
+        # nodes exchange nothing inside a round: it is summed over the node only, and over all nodes on a round's
+        # last step, BEFORE that step's optimizer step launches the outer all-reduce (on a slow link a small
+        # message queued behind that transfer waits for all of it); a stop request takes effect there. Global
+        # expert counts (balancing bias) are needed every step: then every step reduces over all of dp.
+        parts = [ce_total.reshape(1), aux_total.reshape(1), dropped.reshape(1),
+                 torch.tensor([float(self.stop_requested)], device=self.env.device), local_tokens]
+        if expert_counts is not None:
+            parts.append(expert_counts.flatten())
+        node_only = self.co2 is not None and self.bias_rows is None
+        cross = not node_only or (self.co2.inner_steps + 1) % self.co2.tau == 0
+        packed = all_reduce_sum(torch.cat(parts), self.dp_group).cpu() if cross and node_only else None
         self.optimizer.step()
         self.scheduler.step()
         self.engine.zero_grad()
         self.step += 1
-
-        # One small collective carries the step's metrics and the stop flag (SIGTERM on any rank).
-        parts = [ce_total.reshape(1), aux_total.reshape(1), dropped.reshape(1),
-                 torch.tensor([float(self.stop_requested)], device=self.env.device)]
-        if expert_counts is not None:
-            parts.append(expert_counts.flatten())
-        packed = all_reduce_sum(torch.cat(parts), self.dp_group).cpu()
-        stop = packed[3:4].clone()
-        if self.dp_size != self.env.world_size:  # metrics are replicated over tp; the stop flag is not
-            stop = all_reduce_sum(stop.to(self.env.device), None).cpu()
-        self.stop_requested = bool(stop[0] > 0)
+        if packed is None:  # [4]: the tokens of the reduced ranks
+            packed = all_reduce_sum(torch.cat(parts), self.dp_group if cross else self.sync_group).cpu()
+        n_micro = self.num_micro_global if cross else self.num_micro_sync
+        if cross:
+            stop = packed[3:4].clone()
+            if self.dp_size != self.env.world_size:  # metrics are replicated over tp; the stop flag is not
+                stop = all_reduce_sum(stop.to(self.env.device), None).cpu()
+            self.stop_requested = self.stop_agreed = bool(stop[0] > 0)
         step_time = time.perf_counter() - t0
         tokens = self.cfg.data.global_batch_size * self.cfg.data.seq_len
         tps = tokens / step_time
         m = {
-            "loss": float(packed[0] / global_tokens.cpu()),
+            "loss": float(packed[0] / packed[4].clamp_min(1.0)),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens_per_s": tps,
@@ -236,17 +256,21 @@ class Trainer:
             "memory_gib_init": self.memory_gib_init,
         }
         if expert_counts is not None:
-            counts = packed[4:].view_as(expert_counts)
+            counts = packed[5:].view_as(expert_counts)
             if self.bias_rows is not None:  # the global counts: every rank moves its balancing bias the same way
                 update_expert_bias(self.raw_model, counts, self.bias_rows)
-            m["aux_loss"] = float(packed[1] / self.num_micro_global)
-            m["moe_dropped_fraction"] = float(packed[2] / self.num_micro_global)
+            m["aux_loss"] = float(packed[1] / n_micro)
+            m["moe_dropped_fraction"] = float(packed[2] / n_micro)
             # Load of the busiest expert relative to a perfectly balanced router (1.0 = balanced).
             m["moe_max_load"] = float((counts.max(dim=1).values / counts.mean(dim=1)).max())
             m["moe_tokens_per_expert"] = counts.sum(0).tolist()
         # Bytes this rank sent in the step, per dp level / group / link class (comm_bytes.inter: over
         # collectives whose group spans nodes, so flat and hierarchical layouts compare directly).
         m.update({f"comm_bytes.{k}": v for k, v in self.engine.comm_bytes().items()})
+        if self.co2 is not None:  # + the outer all-reduce's bytes per step, averaged over the last round
+            for k, v in self.co2.comm_bytes().items():
+                m[f"comm_bytes.{k}"] = m.get(f"comm_bytes.{k}", 0.0) + v
+            m.update(self.co2.metrics())  # co2_outer_norm, co2_staleness_gap (the last round's)
         if self.pipeline is not None:
             m.update(self.pipeline.metrics())  # pp_bubble_mean / pp_bubble_max
         m.update(self._offload_metrics())
@@ -299,7 +323,7 @@ class Trainer:
                 m = self.train_step()
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     m["eval_loss"] = self.evaluate()
-                if self.step % t.log_every == 0 or self.step == t.max_steps or self.stop_requested or "eval_loss" in m:
+                if self.step % t.log_every == 0 or self.step == t.max_steps or self.stop_agreed or "eval_loss" in m:
                     self.metrics.log(self.step, m)
                     history.append({"step": self.step, **m})
                 self.metrics.advance()
@@ -307,9 +331,11 @@ class Trainer:
                     self.ft.after_step(self)  # async snapshot of this step (after its world-wide collectives)
                 if self.checkpointer is not None:
                     self.checkpointer.after_step(self)  # durable checkpoint (async; blocks for the host copy only)
-                if self.stop_requested:
+                if self.stop_agreed:
                     log.warning("stop requested (SIGTERM): finished step %d cleanly and stopping", self.step)
                     break
+            if self.co2 is not None:
+                self.co2.wait()  # the last round's all-reduce: no collective left in flight at exit
         finally:
             self.metrics.close()
             if self.ft is not None:

@@ -208,6 +208,10 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
         elif not os.access(nv, os.W_OK | os.X_OK):
             problems.append(f"offload.nvme_path={nv!r} is not writable: fix its permissions or choose another directory")
 
+    from ..parallel.co2.config import validate_run as validate_co2
+
+    problems += validate_co2(cfg)
+
     from ..fault_tolerance.config import validate_ft
 
     # Nodes for the erasure-coding groups: parallel.ranks_per_node, else (launcher) one node per job here;

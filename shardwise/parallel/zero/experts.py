@@ -39,17 +39,19 @@ from .layout import UnitSpec, default_units
 LEVEL_NAMES = ["pair", "node", "inter"]
 
 
-def edp_levels(dims: ParallelDims) -> tuple[list, list[str]]:
+def edp_levels(dims: ParallelDims, inner_only: bool = False) -> tuple[list, list[str]]:
     """(groups, names) of the expert-data-parallel levels, innermost first. ep ranks are consecutive dp
-    ranks, so when ep equals the product of the innermost levels, edp is the product of the others."""
-    sizes = [dims.dp_pair, dims.dp_node, dims.dp_inter]
+    ranks, so when ep equals the product of the innermost levels, edp is the product of the others.
+    inner_only: the levels inside a dp_inter block only (CO2 runs dp_inter itself; ep fits in the block)."""
+    top = 2 if inner_only else 3
+    sizes = [dims.dp_pair, dims.dp_node, dims.dp_inter][:top]
     rest, i = dims.ep, 0
-    while i < 3 and rest > 1 and rest % sizes[i] == 0:  # ep consumes whole innermost levels
+    while i < top and rest > 1 and rest % sizes[i] == 0:  # ep consumes whole innermost levels
         rest //= sizes[i]
         i += 1
-    if rest == 1 and i < 3:
-        return [dims.group(n) for n in DP_LEVELS[i:]], LEVEL_NAMES[i:]
-    return [dims.group("edp")], ["dp"]
+    if rest == 1 and i < top:
+        return [dims.group(n) for n in DP_LEVELS[i:top]], LEVEL_NAMES[i:top]
+    return [dims.group("edp_intra" if inner_only else "edp")], ["dp"]
 
 
 def split_units(model: nn.Module, units: Optional[list[UnitSpec]] = None) -> tuple[list[UnitSpec], list[UnitSpec]]:
@@ -86,7 +88,8 @@ class MoEZeroEngine:
     def __init__(self, model: nn.Module, cfg: ZeroConfig, optim_cfg, dims: ParallelDims,
                  device: Optional[torch.device] = None, param_dtype: Optional[torch.dtype] = None,
                  reduce_dtype: Optional[torch.dtype] = None, units: Optional[list[UnitSpec]] = None,
-                 param_init=None, offload=None, rank: int = 0, offload_name: str = ""):
+                 param_init=None, offload=None, rank: int = 0, offload_name: str = "", inner_only: bool = False):
+        # inner_only: both engines stop below dp_inter (CO2, shardwise.parallel.co2, runs that level itself).
         dense_units, expert_units = split_units(model, units)
         if not expert_units:
             raise ValueError("MoEZeroEngine: the model has no routed experts (model.moe.num_experts = 0)")
@@ -96,13 +99,14 @@ class MoEZeroEngine:
         common = dict(ranks_per_node=dims.ranks_per_node, device=device, tp_group=dims.group("tp"),
                       tp_replicated=tp_replicated, tp_partial=tp_partial, param_dtype=param_dtype,
                       reduce_dtype=reduce_dtype, param_init=param_init, offload=offload, rank=rank)
-        self.dense = ZeroEngine(model, cfg, optim_cfg, levels=[dims.group(n) for n in DP_LEVELS],
-                                dp_group=dims.group("dp"), level_names=LEVEL_NAMES, units=dense_units,
-                                offload_name=offload_name + "dense", **common)
-        levels, names = edp_levels(dims)
+        top = 2 if inner_only else 3
+        self.dense = ZeroEngine(model, cfg, optim_cfg, levels=[dims.group(n) for n in DP_LEVELS[:top]],
+                                dp_group=dims.group("dp_intra" if inner_only else "dp"), level_names=LEVEL_NAMES[:top],
+                                units=dense_units, offload_name=offload_name + "dense", **common)
+        levels, names = edp_levels(dims, inner_only)
         self.experts = ZeroEngine(model, _expert_zero_cfg(cfg, names), optim_cfg, levels=levels,
-                                  dp_group=dims.group("edp"), level_names=names, units=expert_units,
-                                  offload_name=offload_name + "experts", **common)
+                                  dp_group=dims.group("edp_intra" if inner_only else "edp"), level_names=names,
+                                  units=expert_units, offload_name=offload_name + "experts", **common)
         # One launch order for both engines' chain levels (comm.LaunchQueue: rank-independent across groups).
         self.experts.topo.queue = self.dense.topo.queue
         self.ep_group = dims.group("ep")
