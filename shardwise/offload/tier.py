@@ -89,7 +89,9 @@ class OffloadTier:
         self.store = NvmeStore(kinds, self.groups, self.space, self.aio, prefix=f"{self.name}.")
         c = self.cfg.buffer_count
         self.sg_pool = pool_for(self.store.max_sg_bytes, 4 * c, self.pin)
-        n_unit = (self.engine.cfg.prefetch_units + 3 if self.params_nvme else 0) + (2 if self.grads_out else 0)
+        # Unit buffers: the shard reads ahead (prefetch_units + 1, see readahead) plus one a gather may force,
+        # and two gradient writes in flight.
+        n_unit = (self.engine.cfg.prefetch_units + 2 if self.params_nvme else 0) + (2 if self.grads_out else 0)
         self.unit_pool = pool_for(self.store.max_unit_bytes, max(n_unit, 2), self.pin)
         log.info("offload %s: %d sub-groups, %.2f GiB of swap files in %s (I/O: %s)", self.name, len(self.groups),
                  planned / 2**30, self.space.path, self.aio.backend_name)
