@@ -24,7 +24,6 @@ rate * sign(mean_load - load_e) with the step's global per-expert counts, so eve
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -33,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grouped_gemm import grouped_matmul
 from .layers import SwiGLU
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -156,54 +154,10 @@ class LocalDispatcher:
         return out.index_add_(0, token_idx[order], y)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous: grouped_mm's CPU backward rejects
-    expanded (stride-0) gradients such as the one `.sum().backward()` produces."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.contiguous()
-
-
-_grouped_mm_ok: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Probe torch's grouped GEMM once per (device type, dtype); fall back to a loop over experts
-    (identical maths) where it is missing or unsupported, e.g. fp32 on GPUs before Hopper."""
-    key = (x.device.type, x.dtype)
-    if key not in _grouped_mm_ok:
-        ok = hasattr(F, "grouped_mm")
-        if ok:
-            try:
-                offs = torch.tensor([1, 2], dtype=torch.int32, device=x.device)
-                F.grouped_mm(x.new_zeros(2, 8), w.new_zeros(2, 8, 8), offs=offs)
-            except (RuntimeError, NotImplementedError, TypeError):
-                ok = False
-        if not ok:
-            log.info("grouped_mm unavailable for %s/%s: experts run as a loop of matmuls", *key)
-        _grouped_mm_ok[key] = ok
-    return _grouped_mm_ok[key]
-
-
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Row segment i of x (counts[i] rows) times w[i]; x [N, a], w [E, a, b] -> [N, b]."""
-    if w.dtype != x.dtype:  # under autocast the activations may be bf16 while weights are fp32
-        w = w.to(x.dtype)
-    if _use_grouped_mm(x, w):
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        return F.grouped_mm(_ContiguousGrad.apply(x), w, offs=offs)
-    parts = torch.split(x, counts.tolist())
-    return torch.cat([p @ w[i] for i, p in enumerate(parts)], dim=0)
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights (w1, w3: [E, d, f]; w2: [E, f, d]) so expert
-    parallel can hold a slice of E and tensor parallel a slice of f."""
+    parallel can hold a slice of E and tensor parallel a slice of f. The matmuls are one grouped GEMM per
+    weight where the shapes allow, else a per-expert loop (shardwise.models.grouped_gemm): any d and f run."""
 
     def __init__(self, num_experts: int, hidden: int, ffn_hidden: int):
         super().__init__()
