@@ -61,9 +61,12 @@ def test_property_grouped_matmul_equals_per_expert_reference():
     assert kinds[False] >= 25 and (kinds[True] >= 25 or not ALIGNED_OK)
 
 
-def test_choice_reads_dtype_strides_and_pointers():
+def test_choice_reads_dtype_strides_and_pointers(monkeypatch):
     w = torch.zeros(2, 8, 12)
     assert gg.grouped_mm_choice(torch.zeros(5, 8), w)[0] == ALIGNED_OK
+    monkeypatch.setenv(gg.DISABLE_ENV, "1")  # the benchmark's A/B switch
+    assert gg.grouped_mm_choice(torch.zeros(5, 8), w) == (False, f"${gg.DISABLE_ENV} is set")
+    monkeypatch.delenv(gg.DISABLE_ENV)
     # 12 bf16 elements are 24 bytes: aligned in fp32, not in bf16
     bw = w.to(torch.bfloat16)
     use, why = gg.grouped_mm_choice(torch.zeros(5, 8, dtype=torch.bfloat16), bw)

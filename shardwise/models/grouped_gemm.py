@@ -13,6 +13,8 @@ dtype) is probed once; the per-call check is a few integer tests. The per-expert
 products (one matmul per expert, `torch.cat`), so the fallback changes speed only, never results beyond
 the summation order of a GEMM; what it costs is measured by scripts/bench/moe_grouped_gemm.py.
 
+`SHARDWISE_DISABLE_GROUPED_MM=1` forces the loop everywhere (A/B comparisons such as the benchmark, debugging).
+
 Each distinct choice is logged once per process (logger `shardwise.models.grouped_gemm`, INFO), e.g.
 `experts: per-expert matmul loop for cpu/torch.float32 [E=3, 6x8]: inner dims 6x8 are not multiples of 4
 elements (16 bytes)`.
@@ -20,6 +22,7 @@ elements (16 bytes)`.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 16
 """grouped_mm's stride and pointer alignment."""
+DISABLE_ENV = "SHARDWISE_DISABLE_GROUPED_MM"
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -79,6 +83,8 @@ def grouped_mm_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[bool, str]:
     Forward multiplies x by w; backward multiplies the gradient [N, b] by w's transpose and x's
     transpose by the gradient, so a and b must both be multiples of 16 bytes' worth of elements, and x
     and w must be laid out with aligned strides and pointers."""
+    if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+        return False, f"${DISABLE_ENV} is set"
     if not grouped_mm_available(x.device.type, x.dtype):
         return False, "grouped_mm is not available for this device and dtype"
     align = ALIGN_BYTES // x.element_size()
