@@ -156,7 +156,7 @@ def test_mtp_loss_by_hand():
     assert float(out.aux_loss.detach()) == pytest.approx(want, rel=1e-5)
     assert len(out.moe_stats) == 3 + 2  # layers 1-3 and both MTP blocks are MoE
     model.eval()  # MTP is a training objective: evaluation skips it
-    assert float(model(tokens, labels, mask).aux_loss) == 0.0
+    assert float(model(tokens, labels, mask).aux_loss.detach()) == 0.0
 
 
 @pytest.mark.parametrize("recipe", ["tiny_qwen_moe", "tiny_deepseek_v3"])

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..trainer.config import ModelConfig
 from .hf_configs import config_mismatches
-from .hf import (HFConversionError, config_from_hf, format_of, hf_config_object, hf_model_type, read_hf_config,
+from .hf import (HFConversionError, config_from_hf, config_to_hf, format_of, hf_config_object, hf_model_type, read_hf_config,
                  state_dict_from_hf)
 from .hf_tensors import hf_tensor_stream, unconverted_keys
 
@@ -145,6 +145,7 @@ def save_hf_checkpoint(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path
                        dtype: torch.dtype = torch.float32, max_shard_size: Union[int, str] = "5GB") -> Path:
     """Write an HF directory (config.json + safetensors, sharded with an index past max_shard_size)
     that transformers' from_pretrained loads as the architecture of shardwise.models.hf.hf_model_type(cfg)."""
+    config_to_hf(cfg)  # what the architecture cannot express fails first, naming the field
     unused = unconverted_keys(state, cfg)
     if unused:
         raise HFConversionError(f"shardwise state dict has keys with no HF {hf_model_type(cfg)} equivalent: {unused}")
@@ -180,6 +181,7 @@ def save_model_as_hf(model: nn.Module, path: Union[str, Path], tp_group=None, ep
     from ..parallel.tensor_parallel import _gather
 
     cfg = model.cfg
+    config_to_hf(cfg)  # what the architecture cannot express fails first, naming the field
     own = model.state_dict(keep_vars=True)
     unused = unconverted_keys(own, cfg)
     if unused:
