@@ -10,7 +10,6 @@ computations:
 - multi-token prediction: the loss equals a by-hand computation from the embeddings of the shifted tokens;
 - exact parameter counts of the new recipes, and the validator naming the new fields.
 """
-import math
 
 import pytest
 import torch

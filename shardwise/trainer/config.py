@@ -249,8 +249,8 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device for MFU; null = a table of known GPUs, or a matmul probe on CPU."""
     init_from: str = ""
-    """A local Hugging Face Llama/Mixtral directory (config.json + safetensors) whose weights initialise the
-    model instead of the seed; each rank reads only its own slices (shardwise.models.hf_init). The run's
+    """A local Hugging Face directory (llama, mixtral, qwen2_moe, deepseek_v2/v3; config.json + safetensors)
+    whose weights initialise the model instead of the seed; each rank reads only its own slices (shardwise.models.hf_init). The run's
     model config must match the directory's (the model YAML `scripts/convert_hf.py import` writes). A durable
     checkpoint or snapshot to resume from takes precedence. Empty = initialise from trainer.seed."""
     memory_budget_gib: float = 0.0
