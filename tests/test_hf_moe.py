@@ -11,7 +11,7 @@ hub). Every parameter and DeepSeek-V3's e_score_correction_bias is randomised.
 - multi-token prediction (which transformers neither runs nor saves) round-trips through DeepSeek's layer-L
   layout bitwise, and transformers still loads such a file with the same logits;
 - the lazy reader of trainer.init_from (HFInit) gives the full import's values, also for the fused in-memory
-  expert layout, and copies the selection bias (a buffer);
+  expert layout, and copies the selection bias (a buffer), also when the Trainer builds the model;
 - the conversions that would silently compute something else are refused, naming the field; the CLI prints
   them as one line.
 """
@@ -34,12 +34,12 @@ VARIANTS = ["qwen2_moe", "qwen2_moe_tied", "deepseek_v2", "deepseek_v3", "deepse
 TOKENS = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(0))
 
 
-def _build_hf(variant: str, seed: int = 0):
+def _build_hf(variant: str, seed: int = 0, vocab: int = 96):
     """A tiny HF model of `variant`, every parameter random (norms around 1), in eval mode."""
     from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
                               Qwen2MoeConfig, Qwen2MoeForCausalLM)
 
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
                   max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=variant.endswith("tied"))
     torch.manual_seed(seed)
     if variant.startswith("qwen2_moe"):
@@ -218,6 +218,30 @@ def test_fused_layout_and_lazy_init(hf_dirs, tmp_path):
         part = HFInit(d, cfg, tp=(1, 2), ep=(1, 2))("layers.1.mlp.experts.w1", meta)
         half = cfg.moe.num_experts // 2
         assert torch.equal(part, want["layers.1.mlp.experts.w1"][half:, :, meta.shape[2]:])
+
+
+def _trainer_init_worker(rank, world, path, cache):
+    """The Trainer with trainer.init_from = a deepseek_v3 directory: parameters and the selection-bias buffers
+    (copied after the engine built them) are the directory's."""
+    from shardwise.trainer.config import DataConfig, LoggingConfig, ShardwiseConfig, TrainerConfig
+    from shardwise.trainer.distributed import init_distributed
+    from shardwise.trainer.trainer import Trainer
+
+    model_cfg, _ = load_hf_checkpoint(path)
+    cfg = ShardwiseConfig(model=model_cfg, data=DataConfig(seq_len=16, global_batch_size=2, micro_batch_size=2,
+                                                           cache_dir=cache),
+                          trainer=TrainerConfig(max_steps=1, init_from=path), logging=LoggingConfig(console=False))
+    tr = Trainer(cfg, init_distributed(cfg.parallel, cfg.trainer), Path(cache) / "run")
+    return {k: v.detach().clone() for k, v in tr.raw_model.state_dict().items()}
+
+
+def test_trainer_init_from_deepseek_v3_copies_the_selection_bias(tmp_path):
+    d = tmp_path / "v3"
+    _build_hf("deepseek_v3", vocab=320).save_pretrained(d)
+    _, want = load_hf_checkpoint(d)
+    got = run_distributed(_trainer_init_worker, 1, str(d), str(tmp_path), timeout=240)[0]
+    assert want["layers.2.mlp.router.expert_bias"].abs().sum() > 0
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def _parallel_worker(rank, world, dirs, layouts, out_dir):
