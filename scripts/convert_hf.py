@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Convert Hugging Face Llama / Mixtral checkpoints (local directories only) to and from shardwise.
+"""Convert Hugging Face checkpoints (local directories only) to and from shardwise: llama, mixtral, qwen2_moe,
+deepseek_v2, deepseek_v3 (shardwise.models.hf). A conversion that cannot be exact stops with one line naming
+the config field or tensor key.
 
 Import: HF directory (config.json + model.safetensors, or shards + model.safetensors.index.json) ->
 a torch file holding the shardwise full (single-device) state dict, and a model YAML for
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from shardwise.models.hf import HFConversionError, hf_model_type
 from shardwise.models.hf_io import load_hf_checkpoint, save_hf_checkpoint
 from shardwise.trainer.config import ModelConfig
 
@@ -50,7 +53,7 @@ def cmd_import(a: argparse.Namespace) -> None:
     torch.save(state, a.out)
     _write_model_yaml(cfg, Path(a.model_yaml), src)
     n = sum(t.numel() for t in state.values())
-    print(f"imported {src} ({cfg.moe.num_experts and 'mixtral' or 'llama'}, {n:,} parameters) -> {a.out}, {a.model_yaml}")
+    print(f"imported {src} ({hf_model_type(cfg)}, {n:,} parameters) -> {a.out}, {a.model_yaml}")
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -59,7 +62,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         sys.exit(f"{a.state}: expected a dict of tensors (a shardwise full state dict, as `import` writes)")
     save_hf_checkpoint(state, cfg, a.out, dtype=DTYPES[a.dtype], max_shard_size=a.max_shard_size)
-    print(f"exported {a.state} ({cfg.name}) -> {a.out}")
+    print(f"exported {a.state} ({cfg.name}) -> {a.out} ({hf_model_type(cfg)})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--max-shard-size", default="5GB", help="split safetensors files past this size (with an index)")
     e.set_defaults(fn=cmd_export)
     a = p.parse_args(argv)
-    a.fn(a)
+    try:
+        a.fn(a)
+    except (HFConversionError, FileNotFoundError, KeyError) as e:  # bad input: one line, not a traceback
+        sys.exit(f"convert_hf: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

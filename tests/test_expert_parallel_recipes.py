@@ -13,6 +13,7 @@ from shardwise.trainer.validate import ConfigError, validate_config
 
 
 @pytest.mark.parametrize("recipe, world, ep", [("mixtral_8x7b_64gpu", 64, 4), ("deepseek_moe_16b_64gpu", 64, 8),
+                                               ("deepseek_v2_lite_64gpu", 64, 8), ("qwen15_moe_a27b_64gpu", 64, 4),
                                                ("tiny_moe_ep", 2, 2), ("tiny_moe_ep", 4, 2)])
 def test_moe_recipes_validate(recipe, world, ep):
     cfg, _ = compose_config([f"recipe={recipe}"])
@@ -25,6 +26,15 @@ def test_deepseek_shape():
     c = count_parameters(cfg.model)
     assert 16.3e9 < c.total < 16.5e9 and 2.7e9 < c.active < 2.9e9  # DeepSeek-MoE-16B: 16.4B, 2.8B active
     assert cfg.model.moe.shared_experts == 2 and cfg.model.moe.first_dense_layers == 1
+
+
+@pytest.mark.parametrize("recipe, total, active", [("deepseek_v2_lite_64gpu", 15.7e9, 2.66e9),
+                                                   ("qwen15_moe_a27b_64gpu", 14.3e9, 2.69e9)])
+def test_v2_lite_and_qwen_moe_shapes(recipe, total, active):
+    """DeepSeek-V2-Lite: 15.7B parameters; Qwen1.5-MoE-A2.7B: 14.3B, 2.7B active (embedding and head counted)."""
+    cfg, _ = compose_config([f"recipe={recipe}"])
+    c = count_parameters(cfg.model)
+    assert c.total == pytest.approx(total, rel=0.005) and c.active == pytest.approx(active, rel=0.01)
 
 
 @pytest.mark.parametrize("overrides, world, message", [
@@ -59,7 +69,8 @@ def test_expert_levels_follow_the_mesh(pkw, world, names):
     assert edp_levels(dims)[1] == names
 
 
-@pytest.mark.parametrize("recipe", ["mixtral_8x7b_64gpu", "deepseek_moe_16b_64gpu"])
+@pytest.mark.parametrize("recipe", ["mixtral_8x7b_64gpu", "deepseek_moe_16b_64gpu", "deepseek_v2_lite_64gpu",
+                                    "qwen15_moe_a27b_64gpu"])
 def test_estimate_matches_parameter_count(recipe):
     cfg, _ = compose_config([f"recipe={recipe}"])
     e = estimate(cfg, 64)

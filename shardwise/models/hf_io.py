@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from ..trainer.config import ModelConfig
-from .hf import HFConversionError, config_from_hf, hf_config_object, read_hf_config, state_dict_from_hf, state_dict_to_hf
+from .hf_configs import config_mismatches
+from .hf import (HFConversionError, config_from_hf, config_to_hf, format_of, hf_config_object, hf_model_type, read_hf_config,
+                 state_dict_from_hf)
+from .hf_tensors import hf_tensor_stream, unconverted_keys
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -58,12 +61,28 @@ def read_safetensors_dir(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor
     return tensors, sources
 
 
+def has_mtp_weights(hf: Mapping, keys) -> bool:
+    """Whether a deepseek_v3 checkpoint's keys hold its MTP layers (layer num_hidden_layers on)."""
+    return f"model.layers.{hf.get('num_hidden_layers')}.eh_proj.weight" in set(keys)
+
+
+def config_of_dir(path: Union[str, Path], keys, *, name: Optional[str] = None,
+                  max_seq_len: Optional[int] = None) -> tuple[dict, ModelConfig]:
+    """(config.json, ModelConfig) of the HF directory `path` whose tensor keys are `keys`."""
+    hf = read_hf_config(path)
+    cfg = config_from_hf(hf, name=name or Path(path).resolve().name, max_seq_len=max_seq_len,
+                         mtp_weights=has_mtp_weights(hf, keys))
+    return hf, cfg
+
+
 def load_hf_checkpoint(path: Union[str, Path], *, name: Optional[str] = None,
                        max_seq_len: Optional[int] = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(ModelConfig, shardwise full fp32 state dict) of a local HF Llama/Mixtral directory."""
-    cfg = config_from_hf(read_hf_config(path), name=name or Path(path).resolve().name, max_seq_len=max_seq_len)
+    """(ModelConfig, shardwise full fp32 state dict) of a local HF directory (any architecture of
+    shardwise.models.hf.SUPPORTED)."""
+    read_hf_config(path)  # a missing config.json fails first
     tensors, sources = read_safetensors_dir(path)
-    return cfg, state_dict_from_hf(tensors, cfg, sources)
+    hf, cfg = config_of_dir(path, tensors, name=name, max_seq_len=max_seq_len)
+    return cfg, state_dict_from_hf(tensors, cfg, sources, format_of(hf, cfg))
 
 
 def _parse_size(size: Union[int, str]) -> int:
@@ -77,40 +96,60 @@ def _parse_size(size: Union[int, str]) -> int:
     return int(s)
 
 
-def save_hf_checkpoint(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Union[str, Path], *,
-                       dtype: torch.dtype = torch.float32, max_shard_size: Union[int, str] = "5GB") -> Path:
-    """Write an HF directory (config.json + safetensors, sharded with an index past max_shard_size)
-    that transformers' LlamaForCausalLM / MixtralForCausalLM.from_pretrained loads."""
+def write_hf_dir(stream: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, path: Union[str, Path], *,
+                 dtype: torch.dtype = torch.float32, max_shard_size: Union[int, str] = "5GB", write: bool = True) -> Path:
+    """Write an HF directory from (key, tensor) pairs as they come: each safetensors shard is written as soon
+    as the next tensor would take it past max_shard_size, so at most one shard (+ one tensor) is held. With
+    write=False the stream is only consumed (ranks that take part in its gathers without writing)."""
+    if not write:
+        for _ in stream:
+            pass
+        return Path(path)
     st, _ = _safetensors()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_cfg = hf_config_object(cfg)  # first: fails before writing anything if transformers is missing
-    tensors = {k: v.to(dtype).cpu().contiguous() for k, v in state_dict_to_hf(state, cfg).items()}
-    limit, shards, cur, cur_bytes = _parse_size(max_shard_size), [], {}, 0
-    for k, v in tensors.items():
+    for stale in [INDEX, SINGLE, *(p.name for p in path.glob("model-*.safetensors"))]:
+        (path / stale).unlink(missing_ok=True)
+    meta = {"format": "pt"}  # transformers checks this metadata entry
+    limit, parts, cur, cur_bytes, total = _parse_size(max_shard_size), [], {}, 0, 0
+
+    def flush():
+        name = f"model-part-{len(parts):05d}.safetensors"  # renamed once the shard count is known
+        st.save_file(cur, str(path / name), metadata=meta)
+        parts.append((name, list(cur)))
+
+    for k, v in stream:
+        v = v.to(dtype).cpu().contiguous()
         nbytes = v.numel() * v.element_size()
         if cur and cur_bytes + nbytes > limit:
-            shards.append(cur)
+            flush()
             cur, cur_bytes = {}, 0
-        cur[k], cur_bytes = v, cur_bytes + nbytes
-    shards.append(cur)
-    meta = {"format": "pt"}  # transformers checks this metadata entry
-    for stale in [INDEX, SINGLE, *(p.name for p in path.glob("model-*-of-*.safetensors"))]:
-        (path / stale).unlink(missing_ok=True)
-    if len(shards) == 1:
-        st.save_file(shards[0], str(path / SINGLE), metadata=meta)
+        cur[k], cur_bytes, total = v, cur_bytes + nbytes, total + nbytes
+    flush()
+    if len(parts) == 1:
+        (path / parts[0][0]).rename(path / SINGLE)
     else:
         weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            st.save_file(shard, str(path / fname), metadata=meta)
-            weight_map |= {k: fname for k in shard}
-        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        for i, (tmp, keys) in enumerate(parts):
+            fname = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            (path / tmp).rename(path / fname)
+            weight_map |= {k: fname for k in keys}
         (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    hf_cfg.architectures = ["LlamaForCausalLM" if cfg.moe.num_experts == 0 else "MixtralForCausalLM"]
     hf_cfg.dtype = dtype
     hf_cfg.save_pretrained(str(path))
     return path
+
+
+def save_hf_checkpoint(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Union[str, Path], *,
+                       dtype: torch.dtype = torch.float32, max_shard_size: Union[int, str] = "5GB") -> Path:
+    """Write an HF directory (config.json + safetensors, sharded with an index past max_shard_size)
+    that transformers' from_pretrained loads as the architecture of shardwise.models.hf.hf_model_type(cfg)."""
+    config_to_hf(cfg)  # what the architecture cannot express fails first, naming the field
+    unused = unconverted_keys(state, cfg)
+    if unused:
+        raise HFConversionError(f"shardwise state dict has keys with no HF {hf_model_type(cfg)} equivalent: {unused}")
+    return write_hf_dir(hf_tensor_stream(cfg, state.__getitem__), cfg, path, dtype=dtype, max_shard_size=max_shard_size)
 
 
 def load_hf_into_model(model: nn.Module, path: Union[str, Path], tp_group=None, ep_group=None) -> ModelConfig:
@@ -121,14 +160,9 @@ def load_hf_into_model(model: nn.Module, path: Union[str, Path], tp_group=None, 
     own: Optional[ModelConfig] = getattr(model, "cfg", None)
     cfg, state = load_hf_checkpoint(path, max_seq_len=own.max_seq_len if own is not None else None)
     if own is not None:  # shapes are checked by load_full_state_dict; these change results without changing shapes
-        checks = {f: (getattr(own, f), getattr(cfg, f)) for f in ("num_heads", "tie_embeddings", "rope_theta", "norm_eps")}
-        checks["num_kv_heads"] = (own.num_kv_heads or own.num_heads, cfg.num_kv_heads or cfg.num_heads)
-        checks["moe.top_k"] = (own.moe.top_k, cfg.moe.top_k) if cfg.moe.num_experts else (0, 0)
-        checks["moe.norm_topk_prob"] = (own.moe.norm_topk_prob, cfg.moe.norm_topk_prob) if cfg.moe.num_experts else (0, 0)
-        for field, (have, want) in checks.items():
-            if have != want:
-                raise HFConversionError(f"{Path(path) / 'config.json'} gives model.{field}={want!r} but the model was "
-                                        f"built with {have!r}")
+        for field, have, want in config_mismatches(own, cfg):
+            raise HFConversionError(f"{Path(path) / 'config.json'} gives model.{field}={want!r} but the model was "
+                                    f"built with {have!r}")
     if ep_group is not None:  # routed experts are split over ep on dim 0 as well
         from ..parallel.expert_parallel import load_full_model_state_dict
         load_full_model_state_dict(model, state, tp_group, ep_group)
@@ -140,14 +174,28 @@ def load_hf_into_model(model: nn.Module, path: Union[str, Path], tp_group=None, 
 
 def save_model_as_hf(model: nn.Module, path: Union[str, Path], tp_group=None, ep_group=None, *, write: bool = True,
                      dtype: torch.dtype = torch.float32, max_shard_size: Union[int, str] = "5GB") -> None:
-    """Export a (possibly TP/EP-split, not ZeRO-sharded) model: gathers the full state dict over tp
-    and ep (collective: call on every rank of both) and, where `write` (typically global rank 0),
-    writes the HF directory."""
+    """Export a (possibly TP/EP-split, not ZeRO-sharded) model tensor by tensor: each one is all-gathered over
+    tp (and routed experts over ep) when its turn comes and, where `write` (typically global rank 0), goes
+    into the shard being filled, so no rank holds the full model. Collective: call on every rank of both
+    groups, in the same order."""
+    from ..parallel.tensor_parallel import _gather
+
+    cfg = model.cfg
+    config_to_hf(cfg)  # what the architecture cannot express fails first, naming the field
+    own = model.state_dict(keep_vars=True)
+    unused = unconverted_keys(own, cfg)
+    if unused:
+        raise HFConversionError(f"model has tensors with no HF {hf_model_type(cfg)} equivalent: {unused}")
+    experts = set()
     if ep_group is not None:
-        from ..parallel.expert_parallel import full_model_state_dict
-        state = full_model_state_dict(model, tp_group, ep_group)
-    else:
-        from ..parallel.parallelize import full_state_dict
-        state = full_state_dict(model, tp_group=tp_group)
-    if write:
-        save_hf_checkpoint(state, model.cfg, path, dtype=dtype, max_shard_size=max_shard_size)
+        from ..parallel.expert_parallel import expert_param_names
+        experts = set(expert_param_names(model))
+
+    def fetch(name: str) -> torch.Tensor:
+        t = own[name].detach()
+        dim = getattr(own[name], "tp_shard_dim", None)
+        if dim is not None:
+            t = _gather(t, tp_group, dim)
+        return _gather(t, ep_group, 0) if name in experts else t
+
+    write_hf_dir(hf_tensor_stream(cfg, fetch), cfg, path, dtype=dtype, max_shard_size=max_shard_size, write=write)

@@ -13,8 +13,8 @@ most; routed-expert tensors [E, ...] are keyed per expert as well, so an expert-
 its own experts only.
 
 The rule is the GPT-2/Megatron one: N(0, std) for matrices, N(0, std / sqrt(2 L)) for the projections that
-write into the residual stream (attention `wo`, MLP / expert `w2`), ones for norm weights (the model's only
-1-D parameters; it has no biases).
+write into the residual stream (attention `wo`, MLP / expert `w2`), zeros for biases (`*.bias`: the
+attention's q/k/v biases under model.qkv_bias), ones for the other 1-D parameters (norm weights).
 
 How a local parameter maps to its slice of the full tensor: for each dim whose local size differs from the
 full size, the dim is split into equal contiguous blocks and this rank holds block `rank` of the group that
@@ -105,7 +105,8 @@ class ParamInit:
         index = self._split(name, param)
         full = self.shapes[name]
         if len(full) == 1:
-            return torch.ones(full, dtype=torch.float32)[tuple(index)]
+            fill = torch.zeros if name.endswith(".bias") else torch.ones
+            return fill(full, dtype=torch.float32)[tuple(index)]
         std = init_std(name, self.cfg)
         if is_routed_expert(name):  # one generator per expert: generate this rank's experts only
             experts = range(full[0])[index[0]]

@@ -1,4 +1,5 @@
-"""Building blocks of the Llama-style decoder: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP.
+"""Building blocks of the Llama-style decoder: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP
+(multi-head latent attention: shardwise.models.mla).
 
 Layers derive their local sizes from their weight shapes (e.g. the number of attention heads from
 the width of the q projection), so the tensor-parallel issue can swap `nn.Linear` for column/row
@@ -64,14 +65,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention (num_kv_heads divides num_heads) with RoPE, no biases."""
+    """Causal grouped-query attention (num_kv_heads divides num_heads) with RoPE; q/k/v biases when
+    qkv_bias (Qwen), no output bias."""
 
-    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = False):
         super().__init__()
         self.head_dim = hidden // num_heads
-        self.wq = nn.Linear(hidden, num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(hidden, num_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(num_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

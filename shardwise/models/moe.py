@@ -9,7 +9,9 @@ Loss formulas (T tokens in the micro-batch, E experts, k = top_k, p_te = softmax
   aux    = aux_loss_coef * E / (k * T^2) * sum_e (sum_t p_te) * c_e,  c_e = assignments to e (before
            capacity dropping), the Switch/GShard loss as Megatron writes it; 1.0*coef when balanced.
   z_loss = z_loss_coef * mean_t (logsumexp_e logits_te)^2   (ST-MoE).
-Both are computed per micro-batch (T = the tokens of this rank's micro-batch, before any dispatch):
+  seq    = seq_aux_loss_coef * mean_seq sum_e f_e P_e, per sequence of S tokens: f_e = E/(k S) * c_e(seq),
+           P_e = mean_t p_te (DeepSeek-V3's complementary sequence-wise loss; 1.0*coef when balanced).
+All are computed per micro-batch (T = the tokens of this rank's micro-batch, before any dispatch):
 the trainer adds each micro-batch's loss divided by the global number of micro-batches, so the value
 and its gradient are the same at any dp/ep size and equal the single-process reference's. (A loss
 over the EP group's whole batch would change with the ep size and need an extra all-reduce of the
@@ -21,10 +23,12 @@ aux loss and the capacity rule use the normalised scores p_te = s_te / sum_e s_t
 Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias b_e (buffer `router.expert_bias`) is added
 to the scores for the top-k *selection only*; after each optimizer step `update_expert_bias` moves it by
 rate * sign(mean_load - load_e) with the step's global per-expert counts, so every rank keeps the same b.
+Node-limited routing (DeepSeek-V3 `n_group` / `topk_group`): see Router. Routed scaling factor: the
+combine weights times a constant (DeepSeek-V3: 2.5). Shared experts: an always-on SwiGLU beside the routed
+ones, optionally scaled per token by sigmoid(x . g) (Qwen2-MoE's shared_expert_gate).
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -33,9 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grouped_gemm import grouped_matmul
 from .layers import SwiGLU
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,16 +51,32 @@ class RouterOutput:
 
 class Router(nn.Module):
     """Linear scoring of tokens against experts, softmax or sigmoid scores, top-k. Runs in fp32 (routing
-    is brittle in bf16). balance_bias: keep the auxiliary-loss-free balancing bias (a buffer, zeros)."""
+    is brittle in bf16). balance_bias: keep the auxiliary-loss-free balancing bias (a buffer, zeros).
+
+    Node-limited routing (groups > 1): the experts form `groups` contiguous groups; each token first picks
+    the `groups_per_token` groups with the highest group scores (`group_score`: `top2` = sum of the group's
+    two highest selection scores, DeepSeek-V3; `max` = its highest, DeepSeek-V2), then its top-k among
+    their experts only. Selection scores include the balancing bias; the combine weights never do.
+    `scaling`: the routed scaling factor applied to the combine weights last."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool = True,
-                 score: str = "softmax", balance_bias: bool = False):
+                 score: str = "softmax", balance_bias: bool = False, groups: int = 1,
+                 groups_per_token: Optional[int] = None, group_score: str = "top2", scaling: float = 1.0):
         super().__init__()
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"router score {score!r}: use softmax or sigmoid (model.moe.router_score)")
+        if group_score not in ("top2", "max"):
+            raise ValueError(f"group score {group_score!r}: use top2 or max (model.moe.route_group_score)")
+        per_token = groups if groups_per_token is None else groups_per_token
+        if groups < 1 or num_experts % groups or not 1 <= per_token <= groups or \
+                per_token * (num_experts // groups) < top_k:
+            raise ValueError(f"node-limited routing: model.moe.route_groups={groups} must divide num_experts="
+                             f"{num_experts} and route_groups_per_token={groups_per_token} be in [1, route_groups] "
+                             f"with at least top_k={top_k} experts in the chosen groups")
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.score = score
+        self.groups, self.groups_per_token, self.group_score, self.scaling = groups, per_token, group_score, scaling
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
         self.expert_bias: Optional[torch.Tensor]
         if balance_bias:
@@ -71,6 +90,18 @@ class Router(nn.Module):
         if self.expert_bias is not None:
             self.expert_bias = torch.zeros(self.expert_bias.shape[0], dtype=torch.float32, device=device)
 
+    def limit_to_groups(self, select: torch.Tensor) -> torch.Tensor:
+        """Selection scores [T, E] with the experts outside each token's chosen groups set to -inf."""
+        t, e = select.shape
+        g = select.view(t, self.groups, e // self.groups)
+        if self.group_score == "top2":
+            group = g.topk(min(2, g.shape[-1]), dim=-1).values.sum(-1)
+        else:
+            group = g.max(dim=-1).values
+        chosen = group.topk(self.groups_per_token, dim=-1).indices
+        keep = torch.zeros_like(group, dtype=torch.bool).scatter_(1, chosen, True)
+        return g.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(t, e)
+
     def forward(self, x: torch.Tensor) -> RouterOutput:
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
@@ -79,13 +110,18 @@ class Router(nn.Module):
         else:
             scores = logits.sigmoid()
             probs = scores / scores.sum(dim=-1, keepdim=True)
-        if self.expert_bias is None:
+        if self.expert_bias is None and self.groups == 1:
             weights, expert_idx = scores.topk(self.top_k, dim=-1)
-        else:  # the bias steers which experts are chosen, never how much they weigh
-            expert_idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices
+        else:  # the bias and the group limit steer which experts are chosen, never how much they weigh
+            select = scores if self.expert_bias is None else scores + self.expert_bias
+            if self.groups > 1:
+                select = self.limit_to_groups(select)
+            expert_idx = select.topk(self.top_k, dim=-1).indices
             weights = scores.gather(1, expert_idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
         return RouterOutput(expert_idx, weights, probs, logits)
 
 
@@ -117,6 +153,20 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """mean_t logsumexp(logits_t)^2   (unweighted; multiply by z_loss_coef)."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def seq_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, batch: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (unweighted; multiply by seq_aux_loss_coef):
+    mean over the `batch` sequences of sum_e f_e * P_e, f_e = E/(k*T) * (assignments of the sequence's T
+    tokens to e), P_e = mean_t p_te. probs [batch*T, E] (normalised scores), expert_idx [batch*T, k]."""
+    bt, e = probs.shape
+    k = expert_idx.shape[1]
+    t = bt // batch
+    counts = torch.zeros(batch, e, dtype=probs.dtype, device=probs.device)
+    counts.scatter_add_(1, expert_idx.reshape(batch, t * k), torch.ones(batch, t * k, dtype=probs.dtype,
+                                                                         device=probs.device))
+    f = counts * (e / (k * t))
+    return (f * probs.view(batch, t, e).mean(1)).sum(1).mean()
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
@@ -156,54 +206,10 @@ class LocalDispatcher:
         return out.index_add_(0, token_idx[order], y)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous: grouped_mm's CPU backward rejects
-    expanded (stride-0) gradients such as the one `.sum().backward()` produces."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.contiguous()
-
-
-_grouped_mm_ok: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Probe torch's grouped GEMM once per (device type, dtype); fall back to a loop over experts
-    (identical maths) where it is missing or unsupported, e.g. fp32 on GPUs before Hopper."""
-    key = (x.device.type, x.dtype)
-    if key not in _grouped_mm_ok:
-        ok = hasattr(F, "grouped_mm")
-        if ok:
-            try:
-                offs = torch.tensor([1, 2], dtype=torch.int32, device=x.device)
-                F.grouped_mm(x.new_zeros(2, 8), w.new_zeros(2, 8, 8), offs=offs)
-            except (RuntimeError, NotImplementedError, TypeError):
-                ok = False
-        if not ok:
-            log.info("grouped_mm unavailable for %s/%s: experts run as a loop of matmuls", *key)
-        _grouped_mm_ok[key] = ok
-    return _grouped_mm_ok[key]
-
-
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Row segment i of x (counts[i] rows) times w[i]; x [N, a], w [E, a, b] -> [N, b]."""
-    if w.dtype != x.dtype:  # under autocast the activations may be bf16 while weights are fp32
-        w = w.to(x.dtype)
-    if _use_grouped_mm(x, w):
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        return F.grouped_mm(_ContiguousGrad.apply(x), w, offs=offs)
-    parts = torch.split(x, counts.tolist())
-    return torch.cat([p @ w[i] for i, p in enumerate(parts)], dim=0)
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights (w1, w3: [E, d, f]; w2: [E, f, d]) so expert
-    parallel can hold a slice of E and tensor parallel a slice of f."""
+    parallel can hold a slice of E and tensor parallel a slice of f. The matmuls are one grouped GEMM per
+    weight where the shapes allow, else a per-expert loop (shardwise.models.grouped_gemm): any d and f run."""
 
     def __init__(self, num_experts: int, hidden: int, ffn_hidden: int):
         super().__init__()
@@ -251,20 +257,33 @@ class MoELayer(nn.Module):
         z_loss_coef: float = 0.0,
         router_score: str = "softmax",
         bias_update_rate: float = 0.0,
+        shared_ffn_hidden: Optional[int] = None,
+        shared_expert_gate: bool = False,
+        routed_scaling_factor: float = 1.0,
+        route_groups: int = 1,
+        route_groups_per_token: Optional[int] = None,
+        route_group_score: str = "top2",
+        seq_aux_loss_coef: float = 0.0,
     ):
+        """shared_ffn_hidden: the shared MLP's width (default shared_experts * expert_ffn_hidden); the
+        shared MLP exists when shared_experts > 0 or shared_ffn_hidden is given. The rest: model.moe.*."""
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor
-        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.aux_loss_coef, self.z_loss_coef, self.seq_aux_loss_coef = aux_loss_coef, z_loss_coef, seq_aux_loss_coef
         self.bias_update_rate = bias_update_rate
-        self.router = Router(hidden, num_experts, top_k, norm_topk_prob, router_score, bias_update_rate > 0)
+        self.router = Router(hidden, num_experts, top_k, norm_topk_prob, router_score, bias_update_rate > 0,
+                             route_groups, route_groups_per_token, route_group_score, routed_scaling_factor)
         self.experts = GroupedExperts(num_experts, hidden, expert_ffn_hidden)
-        self.shared = SwiGLU(hidden, shared_experts * expert_ffn_hidden) if shared_experts else None
+        width = shared_ffn_hidden or shared_experts * expert_ffn_hidden
+        self.shared = SwiGLU(hidden, width) if width else None
+        # Qwen2-MoE: the shared output is scaled per token by sigmoid(shared_gate(x)).
+        self.shared_gate = nn.Linear(hidden, 1, bias=False) if shared_expert_gate and width else None
         self.dispatcher = LocalDispatcher()
         self.tp_region = NoTensorParallel()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MoEStats]:
-        """x [B, S, d] -> (output [B, S, d], weighted aux+z loss (scalar), stats)."""
+        """x [B, S, d] -> (output [B, S, d], weighted aux + z + sequence-wise loss (scalar), stats)."""
         x = self.tp_region.gather_sequence(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -274,6 +293,8 @@ class MoELayer(nn.Module):
         counts = torch.bincount(flat_e, minlength=self.num_experts)
         aux = self.aux_loss_coef * load_balancing_loss(r.probs, counts, self.top_k)
         aux = aux + self.z_loss_coef * z_loss(r.logits)
+        if self.seq_aux_loss_coef:
+            aux = aux + self.seq_aux_loss_coef * seq_balance_loss(r.probs, r.expert_idx, shape[0])
 
         token_idx = torch.arange(t, device=x.device).repeat_interleave(self.top_k)
         weights = r.weights.reshape(-1)
@@ -298,7 +319,13 @@ class MoELayer(nn.Module):
         ys = self.experts(xs, seg_counts)
         out = self.dispatcher.combine(ys, order, token_idx, weights, t)
         if self.shared is not None:
-            out = out + self.shared(xe)
+            shared = self.shared(xe)
+            if self.shared_gate is not None:
+                # The gate runs replicated on the layer input; inside the region it scales partial sums, so its
+                # gradient is partial there and enter() (backward: sum over tp) completes it, as for `weights`.
+                gate = self.tp_region.enter(torch.sigmoid(self.shared_gate(x2)))
+                shared = shared * gate.to(shared.dtype)
+            out = out + shared
         out = self.tp_region.exit(out)
         stats = MoEStats(counts.detach(), dropped.detach())
         return self.tp_region.scatter_sequence(out.reshape(shape).to(x.dtype)), aux, stats

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..models.flops import count_parameters, flops_per_token
+from ..models.flops import attention_params, count_parameters, flops_per_token, shared_expert_width
 
 GiB = 1024 ** 3
 
@@ -64,10 +64,13 @@ def estimate(cfg, world_size: int) -> Estimate:
     f_e = moe.expert_ffn_hidden_size or m.ffn_hidden_size
     per_stage = math.ceil(m.num_layers / pp)
 
-    def layer(i: int) -> tuple[float, float]:  # (dense, expert) parameters of layer i on one GPU
-        attn = (h * m.num_heads * hd * 2 + 2 * h * kv * hd) / tp + 2 * h
+    split, replicated, attn_norms = attention_params(m)
+
+    def layer(i: int) -> tuple[float, float]:  # (dense, expert) parameters of block i on one GPU
+        attn = split / tp + replicated + attn_norms + 2 * h
         if moe.num_experts > 0 and i >= moe.first_dense_layers:
-            shared = 3 * h * f_e * moe.shared_experts / tp
+            sw = shared_expert_width(m)
+            shared = 3 * h * sw / tp + (h if moe.shared_expert_gate and sw else 0)
             return attn + moe.num_experts * h + shared, (moe.num_experts // ep) * 3 * h * f_e / tp
         return attn + 3 * h * m.ffn_hidden_size / tp, 0.0
 
@@ -76,6 +79,8 @@ def estimate(cfg, world_size: int) -> Estimate:
         ids = range(s * per_stage, min((s + 1) * per_stage, m.num_layers))
         dense = sum(layer(i)[0] for i in ids) + (v * h / tp if s == 0 else 0)
         dense += (h + (0 if m.tie_embeddings else v * h / tp)) if s == pp - 1 else 0
+        if s == pp - 1:  # MTP modules sit with the head (pp = 1 only): block + [2h -> h] projection + 3 norms
+            dense += sum(layer(m.num_layers + k)[0] + 2 * h * h + 3 * h for k in range(m.mtp_depth))
         stages.append((dense, sum(layer(i)[1] for i in ids)))
     dense, expert = max(stages, key=lambda x: x[0] + x[1])
     stage = cfg.zero.stage
@@ -86,7 +91,12 @@ def estimate(cfg, world_size: int) -> Estimate:
     # Activations of one micro-batch on the busiest stage (bytes per token, bf16).
     tok = d.micro_batch_size * d.seq_len
     sp = tp if p.sequence_parallel else 1
-    attn_act = (10 * h) / sp + (2 * h * 3 + 2 * kv * hd * 2 * 2 + 4 * h) / tp  # norms/residual + qkv, out
+    if m.attention == "mla":  # q width, and k/v widths averaged (the latents are narrow: not counted)
+        q_w, kv_w = m.num_heads * (m.mla.nope_head_dim + m.mla.rope_head_dim), \
+            m.num_heads * (m.mla.nope_head_dim + m.mla.rope_head_dim + m.mla.v_head_dim) / 2
+    else:
+        q_w, kv_w = h, kv * hd
+    attn_act = (10 * h) / sp + (2 * q_w * 3 + 2 * kv_w * 2 * 2 + 4 * h) / tp  # norms/residual + qkv, out
     moe_layers = sum(1 for i in range(per_stage) if moe.num_experts > 0 and i >= moe.first_dense_layers)
     dense_layers = per_stage - moe_layers
     mlp_act = 2 * h + 8 * m.ffn_hidden_size / tp
@@ -94,12 +104,15 @@ def estimate(cfg, world_size: int) -> Estimate:
     # regrouping) + w1/w3/silu/product intermediates + the expert output on its way back; plus router
     # logits/probs (fp32) and the shared experts.
     moe_act = (moe.top_k * (3 * 2 * h + 8 * f_e / tp + 2 * 2 * h) + 8 * moe.num_experts
-               + (8 * f_e * moe.shared_experts / tp if moe.shared_experts else 0))
-    act = tok * (per_stage * attn_act + dense_layers * mlp_act + moe_layers * moe_act) * min(pp, _micro(cfg, dp))
+               + 8 * shared_expert_width(m) / tp)
+    blocks_mtp = m.mtp_depth if pp == 1 else 0  # + the MTP blocks (and their projections' inputs)
+    mtp_moe = sum(1 for k in range(blocks_mtp) if moe.num_experts > 0 and m.num_layers + k >= moe.first_dense_layers)
+    act = tok * ((per_stage + blocks_mtp) * attn_act + (dense_layers + blocks_mtp - mtp_moe) * mlp_act
+                 + (moe_layers + mtp_moe) * moe_act + blocks_mtp * 8 * h) * min(pp, _micro(cfg, dp))
 
     tokens = d.global_batch_size * d.seq_len
     flops = flops_per_token(m, d.seq_len) * tokens / world_size
-    n_moe = sum(1 for i in range(m.num_layers) if moe.num_experts > 0 and i >= moe.first_dense_layers)
+    n_moe = sum(1 for i in range(m.num_layers + m.mtp_depth) if moe.num_experts > 0 and i >= moe.first_dense_layers)
     # Each dp rank's tokens (whole sequence on every tp rank) go there and back in forward and again in
     # backward; the (ep-1)/ep share leaves the rank. bf16 rows.
     a2a = 0.0

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from ..models.layers import Attention, RMSNorm, SwiGLU
+from ..models.mla import MLAttention
 from ..models.moe import MoELayer
 from ..models.transformer import Transformer
 from .mesh import ParallelDims
-from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TPRegion, _size, enter_tp_region, mark_sharded,
-                              shard)
+from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TPRegion, _size, enter_tp_region, gather_seq,
+                              mark_sharded, scatter_to_seq, shard)
 from .vocab_parallel import VocabParallelEmbedding, VocabParallelHead
 
 
@@ -26,6 +27,9 @@ def parallelize_model(model: Transformer, dims: ParallelDims, cfg) -> Transforme
     # 1. Pipeline parallel: partition the layers into stages and keep only this rank's (the PipelineModel
     #    holding its stage chunks is built at the end, from the tensor-parallel layers).
     plan = None
+    if dims.pp > 1 and getattr(model, "mtp", None) is not None:
+        raise ValueError("model.mtp_depth > 0 is not supported with parallel.pp > 1 (the MTP modules need the "
+                         "embedding output on the last stage); set model.mtp_depth=0 or parallel.pp=1")
     if dims.pp > 1:
         from .pipeline import plan_pipeline
         plan = plan_pipeline(model, dims.my_coords["pp"], dims.pp, cfg)
@@ -75,35 +79,73 @@ def apply_tensor_parallel(model: Transformer, group, sequence_parallel: bool) ->
     model.tp_head = VocabParallelHead(group, sp)
 
     for block in model.layers:
-        attn: Attention = block.attn
-        heads, kv = attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
-        _check_divides(tp, "model.num_heads", heads)
-        _check_divides(tp, "model.num_kv_heads (grouped-query attention: KV heads are split, not replicated)", kv)
-        # Heads are contiguous blocks of head_dim rows, so an even split of the rows splits the heads;
-        # rank r keeps q heads [r*H/tp, ...) and their KV group [r*KV/tp, ...).
-        for name in ("wq", "wk", "wv"):
-            setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), group, enter_region=False))
-        attn.wo = RowParallelLinear.from_linear(attn.wo, group, sequence_parallel=sp)
-        attn.register_forward_pre_hook(partial(_enter_hook, group, sp))
-
-        if isinstance(block.mlp, MoELayer):
-            moe = block.mlp
-            ex = moe.experts
-            _check_divides(tp, "model.moe.expert_ffn_hidden_size", ex.w1.shape[2])
-            ex.w1 = mark_sharded(nn.Parameter(shard(ex.w1, group, 2)), 2)
-            ex.w3 = mark_sharded(nn.Parameter(shard(ex.w3, group, 2)), 2)
-            ex.w2 = mark_sharded(nn.Parameter(shard(ex.w2, group, 1)), 1)
-            if moe.shared is not None:
-                _swiglu_tp(moe.shared, group, sp, in_region=True)
-            moe.tp_region = TPRegion(group, sp)
-        else:
-            _check_divides(tp, "model.ffn_hidden_size", block.mlp.w1.out_features)
-            _swiglu_tp(block.mlp, group, sp, in_region=False)
+        _block_tp(block, group, sp)
+    if model.mtp is not None:
+        # MTP modules: their block as any other; the input projection runs replicated (on this rank's sequence
+        # chunk under SP, so its gradient is partial there), the shifted embeddings cross sequence shards.
+        for m in model.mtp:
+            _block_tp(m.block, group, sp)
+            if sp:
+                m.proj.weight.sequence_parallel = True
+        if sp:
+            model.gather_sequence = partial(gather_seq, group=group)
+            model.scatter_sequence = partial(scatter_to_seq, group=group)
 
     if sp:
         for m in model.modules():
             if isinstance(m, RMSNorm):
                 m.weight.sequence_parallel = True
+
+
+def _attention_tp(attn: Attention, group, sp: bool) -> None:
+    tp = _size(group)
+    heads, kv = attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
+    _check_divides(tp, "model.num_heads", heads)
+    _check_divides(tp, "model.num_kv_heads (grouped-query attention: KV heads are split, not replicated)", kv)
+    # Heads are contiguous blocks of head_dim rows, so an even split of the rows splits the heads (and
+    # the q/k/v biases with them); rank r keeps q heads [r*H/tp, ...) and their KV group [r*KV/tp, ...).
+    for name in ("wq", "wk", "wv"):
+        setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), group, enter_region=False))
+    attn.wo = RowParallelLinear.from_linear(attn.wo, group, sequence_parallel=sp)
+    attn.register_forward_pre_hook(partial(_enter_hook, group, sp))
+
+
+def _mla_tp(attn: MLAttention, group, sp: bool) -> None:
+    """Heads split (shardwise.models.mla): the per-head projections column-parallel, wo row-parallel; only the
+    latents enter the region. Under SP the latent projections see this rank's tokens only: their gradients
+    are partial over tp (`sequence_parallel`, like the norm weights)."""
+    _check_divides(_size(group), "model.num_heads", attn.wo.in_features // attn.v_dim)
+    for name in ("wq", "wq_b", "wkv_b"):
+        if hasattr(attn, name):
+            setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), group, enter_region=False))
+    attn.wo = RowParallelLinear.from_linear(attn.wo, group, sequence_parallel=sp)
+    attn.tp_enter = partial(enter_tp_region, group=group, sequence_parallel=sp)
+    if sp:
+        for name in ("wq_a", "wkv_a"):
+            if hasattr(attn, name):
+                getattr(attn, name).weight.sequence_parallel = True
+
+
+def _block_tp(block, group, sp: bool) -> None:
+    tp = _size(group)
+    if isinstance(block.attn, MLAttention):
+        _mla_tp(block.attn, group, sp)
+    else:
+        _attention_tp(block.attn, group, sp)
+    if isinstance(block.mlp, MoELayer):
+        moe = block.mlp
+        ex = moe.experts
+        _check_divides(tp, "model.moe.expert_ffn_hidden_size", ex.w1.shape[2])
+        ex.w1 = mark_sharded(nn.Parameter(shard(ex.w1, group, 2)), 2)
+        ex.w3 = mark_sharded(nn.Parameter(shard(ex.w3, group, 2)), 2)
+        ex.w2 = mark_sharded(nn.Parameter(shard(ex.w2, group, 1)), 1)
+        if moe.shared is not None:
+            _check_divides(tp, "the shared-expert width", moe.shared.w1.out_features)
+            _swiglu_tp(moe.shared, group, sp, in_region=True)
+        moe.tp_region = TPRegion(group, sp)
+    else:
+        _check_divides(tp, "model.ffn_hidden_size", block.mlp.w1.out_features)
+        _swiglu_tp(block.mlp, group, sp, in_region=False)
 
 
 @torch.no_grad()

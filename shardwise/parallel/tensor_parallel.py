@@ -183,24 +183,25 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, weight_shard: torch.Tensor, group, sequence_parallel: bool = False,
-                 enter_region: bool = True, gather_output: bool = False):
+                 enter_region: bool = True, gather_output: bool = False, bias_shard: torch.Tensor | None = None):
         super().__init__()
         self.weight = mark_sharded(nn.Parameter(weight_shard), 0)
+        # The bias follows the output features: split the same way (q/k/v biases, model.qkv_bias).
+        self.bias = mark_sharded(nn.Parameter(bias_shard), 0) if bias_shard is not None else None
         self.group, self.sequence_parallel = group, sequence_parallel
         self.enter_region, self.gather_output = enter_region, gather_output
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, **kw) -> "ColumnParallelLinear":
-        if linear.bias is not None:
-            raise NotImplementedError("ColumnParallelLinear: biases are not supported (the model has none)")
         if linear.out_features % _size(group):
             raise ValueError(f"output features {linear.out_features} not divisible by tp={_size(group)}")
-        return cls(shard(linear.weight, group, 0), group, **kw)
+        bias = shard(linear.bias, group, 0) if linear.bias is not None else None
+        return cls(shard(linear.weight, group, 0), group, bias_shard=bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enter_region:
             x = enter_tp_region(x, self.group, self.sequence_parallel)
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if self.gather_output:
             y = gather_last_dim(y, self.group)
         return y
@@ -219,7 +220,7 @@ class RowParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, **kw) -> "RowParallelLinear":
         if linear.bias is not None:
-            raise NotImplementedError("RowParallelLinear: biases are not supported (the model has none)")
+            raise NotImplementedError("RowParallelLinear: biases are not supported (no output projection has one)")
         if linear.in_features % _size(group):
             raise ValueError(f"input features {linear.in_features} not divisible by tp={_size(group)}")
         return cls(shard(linear.weight, group, 1), group, **kw)

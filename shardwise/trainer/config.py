@@ -31,6 +31,11 @@ class MoEConfig:
     """Inner (SwiGLU) width of one routed expert; null = model.ffn_hidden_size."""
     shared_experts: int = 0
     """DeepSeek-style always-on experts; their MLP has width shared_experts * expert_ffn_hidden_size."""
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    """Inner width of the shared-expert MLP; null = shared_experts * expert_ffn_hidden_size. Qwen2-MoE's
+    shared_expert_intermediate_size need not be a multiple of the routed width."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid(x . g), g a learned vector (Qwen2-MoE)."""
     capacity_factor: Optional[float] = None
     """Per-expert capacity = ceil(capacity_factor * tokens * top_k / num_experts); assignments over
     capacity are dropped (lowest router probability first) and the token keeps only its residual.
@@ -44,12 +49,46 @@ class MoEConfig:
     global per-expert counts (DeepSeek-V3 uses 0.001). 0 = off. Usually combined with a small aux_loss_coef."""
     norm_topk_prob: bool = True
     """Renormalise the k selected probabilities to sum to 1 (Mixtral) instead of using raw scores."""
+    routed_scaling_factor: float = 1.0
+    """Multiplies the routed experts' combine weights (after the renormalisation): DeepSeek-V3 uses 2.5."""
+    route_groups: int = 1
+    """Node-limited routing (DeepSeek-V3 n_group): the experts form this many contiguous groups (set it to
+    parallel.ep, or the nodes an ep group spans, so a group is where its experts live). 1 = off."""
+    route_groups_per_token: Optional[int] = None
+    """A token's experts come from at most this many groups (DeepSeek-V3 topk_group), those with the
+    highest group scores; null = route_groups (plain top-k)."""
+    route_group_score: str = "top2"
+    """Score of a group for node-limited routing: `top2` = sum of its two highest selection scores
+    (DeepSeek-V3; bias included), `max` = its highest score (DeepSeek-V2 group_limited_greedy)."""
+    seq_aux_loss_coef: float = 0.0
+    """DeepSeek-V3's complementary sequence-wise balance loss weight alpha: per sequence of T tokens,
+    alpha * sum_e f_e * P_e with f_e = E/(k*T) * (assignments to e), P_e = mean_t p_te; averaged over the
+    micro-batch's sequences (alpha when balanced). 0 = off."""
     aux_loss_coef: float = 0.01
     """Switch/GShard load-balancing loss weight: coef * E/(k*T^2) * sum_e (sum_t p_te) * count_e."""
     z_loss_coef: float = 0.001
     """Router z-loss weight (ST-MoE): coef * mean_t logsumexp(logits_t)^2."""
     first_dense_layers: int = 0
     """The first N decoder layers use a dense MLP instead of MoE (DeepSeek-MoE keeps layer 0 dense)."""
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3), used when model.attention = mla. Per head, queries and
+    keys are [nope_head_dim (from the latent) | rope_head_dim (rotated)], values v_head_dim; keys and values
+    come from one compressed latent of kv_lora_rank per token plus one rotated key shared by all heads."""
+
+    kv_lora_rank: int = 64
+    """Width of the compressed key/value latent (DeepSeek-V2-Lite / V3: 512)."""
+    q_lora_rank: Optional[int] = None
+    """Width of the compressed query latent; null = queries projected straight from the hidden state
+    (DeepSeek-V2-Lite), V3: 1536."""
+    rope_head_dim: int = 16
+    """Rotated (decoupled RoPE) part of each query/key head; the rotated key is shared by the heads (64)."""
+    nope_head_dim: int = 32
+    """Non-rotated part of each query/key head (128)."""
+    v_head_dim: int = 32
+    """Value width per head (128)."""
 
 
 @dataclass
@@ -82,6 +121,19 @@ class ModelConfig:
     """Std of the normal init of weights; output projections are scaled by 1/sqrt(2*num_layers)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts settings."""
+    attention: str = "mha"
+    """`mha`: grouped-query attention of head_dim = hidden_size / num_heads; `mla`: DeepSeek multi-head
+    latent attention (model.mla; num_kv_heads and qkv_bias do not apply)."""
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    """Multi-head latent attention sizes (model.attention = mla)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen); the output projection has none."""
+    mtp_depth: int = 0
+    """Multi-token prediction modules (DeepSeek-V3): module k predicts token i+k+1 from module k-1's hidden
+    state and the embedding of token i+k, through one more decoder block; embedding and output head shared.
+    0 = off."""
+    mtp_loss_coef: float = 0.3
+    """Weight lambda of the MTP loss: lambda / mtp_depth * sum_k (mean cross-entropy of module k)."""
 
 
 @dataclass
@@ -199,8 +251,8 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device for MFU; null = a table of known GPUs, or a matmul probe on CPU."""
     init_from: str = ""
-    """A local Hugging Face Llama/Mixtral directory (config.json + safetensors) whose weights initialise the
-    model instead of the seed; each rank reads only its own slices (shardwise.models.hf_init). The run's
+    """A local Hugging Face directory (llama, mixtral, qwen2_moe, deepseek_v2/v3; config.json + safetensors)
+    whose weights initialise the model instead of the seed; each rank reads only its own slices (shardwise.models.hf_init). The run's
     model config must match the directory's (the model YAML `scripts/convert_hf.py import` writes). A durable
     checkpoint or snapshot to resume from takes precedence. Empty = initialise from trainer.seed."""
     memory_budget_gib: float = 0.0

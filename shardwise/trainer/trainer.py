@@ -33,6 +33,7 @@ from ..models import build_meta_model, count_parameters, flops_per_token
 from ..models.init import ParamInit
 from ..models.checkpointing import set_activation_checkpointing
 from ..models.moe import MoELayer, update_expert_bias
+from ..models.transformer import Block
 from ..parallel import ParallelDims, build_data_parallel, full_state_dict, parallelize_model
 from ..parallel.zero.config import resolve_precision
 from .config import ShardwiseConfig
@@ -98,6 +99,8 @@ class Trainer:
             self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device, param_init,
                                               offload=cfg.offload, rank=env.rank)
         self.raw_model = self.engine.module
+        if t.init_from:  # buffers a checkpoint holds (deepseek_v3's expert-selection bias), after the engine built them
+            param_init.load_buffers(self.raw_model)
         # The loss normaliser spans the synchronous data-parallel ranks: all of dp, or under CO2 the node's
         # (dp_pair x dp_node), whose summed gradient is then the mean over the node's tokens.
         self.sync_group = self.dims.group("dp_intra") if self.co2 is not None else self.dp_group
@@ -106,7 +109,8 @@ class Trainer:
         # count table that this rank's MoE layers update (a pipeline stage holds some of them).
         self.bias_rows: Optional[list[int]] = None
         if cfg.model.moe.num_experts > 0 and cfg.model.moe.bias_update_rate > 0:
-            ids = [int(k) for k, b in self.raw_model.layers.named_children() if isinstance(b.mlp, MoELayer)]
+            # Global block indices in forward order (the MTP modules' blocks continue after the last layer).
+            ids = [b.layer_idx for b in self.raw_model.modules() if isinstance(b, Block) and isinstance(b.mlp, MoELayer)]
             self.bias_rows = [i - cfg.model.moe.first_dense_layers for i in ids]
         self.optimizer = self.engine.optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)

@@ -91,7 +91,12 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
     _positive(problems, "model.rope_theta", m.rope_theta)
     _positive(problems, "model.norm_eps", m.norm_eps)
     _positive(problems, "model.init_std", m.init_std)
-    if m.num_heads > 0 and m.hidden_size % m.num_heads:
+    mla = m.attention == "mla"
+    if m.attention not in ("mha", "mla"):
+        problems.append(f"model.attention={m.attention!r}: use mha (grouped-query attention) or mla (multi-head latent)")
+    if mla:
+        problems += _mla_problems(m)
+    elif m.num_heads > 0 and m.hidden_size % m.num_heads:
         problems.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: "
                         "choose num_heads dividing hidden_size")
     elif m.num_heads > 0 and (m.hidden_size // m.num_heads) % 2:
@@ -103,6 +108,13 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
     if m.max_seq_len < d.seq_len:
         problems.append(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise "
                         "model.max_seq_len or lower data.seq_len")
+
+    if m.mtp_depth < 0:
+        problems.append(f"model.mtp_depth={m.mtp_depth}: must be >= 0 (0 = no multi-token prediction)")
+    _positive(problems, "model.mtp_loss_coef", m.mtp_loss_coef, allow_zero=True)
+    if m.mtp_depth > 0 and p.pp > 1:
+        problems.append(f"model.mtp_depth={m.mtp_depth} is not supported with parallel.pp={p.pp} (the MTP modules "
+                        "need the embedding output on the last stage): set model.mtp_depth=0 or parallel.pp=1")
 
     if moe.num_experts < 0:
         problems.append(f"model.moe.num_experts={moe.num_experts}: must be >= 0 (0 = dense)")
@@ -120,6 +132,7 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
         _positive(problems, "model.moe.bias_update_rate", moe.bias_update_rate, allow_zero=True)
         if not 0 <= moe.first_dense_layers <= m.num_layers:
             problems.append(f"model.moe.first_dense_layers={moe.first_dense_layers}: must be in [0, model.num_layers]")
+        problems += _moe_variant_problems(moe)
 
     _positive(problems, "parallel.timeout_s", p.timeout_s)
     if p.backend not in ("auto", "nccl", "gloo"):
@@ -143,6 +156,10 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
             if f % p.tp:
                 problems.append(f"parallel.tp={p.tp} must divide the expert width "
                                 f"model.moe.expert_ffn_hidden_size={f} (experts are split on it)")
+            sw = moe.shared_expert_ffn_hidden_size or moe.shared_experts * f
+            if sw % p.tp:
+                problems.append(f"parallel.tp={p.tp} must divide the shared-expert width {sw} "
+                                "(model.moe.shared_expert_ffn_hidden_size, or shared_experts * expert width)")
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and p.tp > 1 and d.seq_len % p.tp:
@@ -266,6 +283,48 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _mla_problems(m) -> list[str]:
+    """model.attention = mla: model.mla.* sizes, and the fields that only grouped-query attention has."""
+    a, out = m.mla, []
+    for name in ("kv_lora_rank", "rope_head_dim", "v_head_dim"):
+        if getattr(a, name) <= 0:
+            out.append(f"model.mla.{name}={getattr(a, name)}: must be > 0")
+    if a.nope_head_dim < 0:
+        out.append(f"model.mla.nope_head_dim={a.nope_head_dim}: must be >= 0")
+    if a.q_lora_rank is not None and a.q_lora_rank <= 0:
+        out.append(f"model.mla.q_lora_rank={a.q_lora_rank}: must be > 0, or null (no query latent)")
+    if a.rope_head_dim % 2:
+        out.append(f"model.mla.rope_head_dim={a.rope_head_dim} is odd; RoPE rotates pairs")
+    if m.num_kv_heads not in (None, m.num_heads):
+        out.append(f"model.num_kv_heads={m.num_kv_heads} applies to model.attention=mha only (MLA shares one "
+                   "latent by all heads): set it to null")
+    if m.qkv_bias:
+        out.append("model.qkv_bias=true applies to model.attention=mha only: set it to false")
+    return out
+
+
+def _moe_variant_problems(moe) -> list[str]:
+    """Shared-expert width/gate, routed scaling, node-limited routing, sequence-wise loss (model.moe.*)."""
+    out = []
+    _positive(out, "model.moe.shared_expert_ffn_hidden_size", moe.shared_expert_ffn_hidden_size)
+    if moe.shared_expert_gate and not (moe.shared_experts or moe.shared_expert_ffn_hidden_size):
+        out.append("model.moe.shared_expert_gate=true but there is no shared expert: set model.moe.shared_experts "
+                   "or model.moe.shared_expert_ffn_hidden_size")
+    _positive(out, "model.moe.routed_scaling_factor", moe.routed_scaling_factor)
+    _positive(out, "model.moe.seq_aux_loss_coef", moe.seq_aux_loss_coef, allow_zero=True)
+    if moe.route_group_score not in ("top2", "max"):
+        out.append(f"model.moe.route_group_score={moe.route_group_score!r}: use top2 (DeepSeek-V3) or max (DeepSeek-V2)")
+    g, m = moe.route_groups, moe.route_groups_per_token
+    if g < 1 or moe.num_experts % g:
+        out.append(f"model.moe.route_groups={g} must be >= 1 and divide model.moe.num_experts={moe.num_experts}")
+    elif m is not None and not 1 <= m <= g:
+        out.append(f"model.moe.route_groups_per_token={m}: must be in [1, model.moe.route_groups={g}] (or null)")
+    elif (m or g) * (moe.num_experts // g) < moe.top_k:
+        out.append(f"model.moe.route_groups_per_token={m} groups of {moe.num_experts // g} experts hold fewer than "
+                   f"model.moe.top_k={moe.top_k}: raise route_groups_per_token")
+    return out
 
 
 def _pipeline_problems(p, m, d) -> list[str]:
