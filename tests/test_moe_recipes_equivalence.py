@@ -19,7 +19,7 @@ from shardwise.testing.tolerance import AUX_ATOL, LOSS_ATOL, LOSS_RTOL, assert_p
 
 from trainer_runs import fit_runs, param_tol, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # one module fixture runs every case (harness limits 900 + 1200 s)
 
 NO_MTP = ["model.mtp_depth=0"]
 EP_TP = ["parallel.ep=2", "parallel.tp=2"]
