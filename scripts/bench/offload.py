@@ -10,26 +10,32 @@ step 1 is warm-up and not timed), in pairs at equal placement:
   sw_nvme_all  + offload.params=nvme (parameter shards on NVMe too)     ds_nvme_all  + offload_param nvme
 (scripts/bench/offload_deepspeed.py says how DeepSpeed is configured and initialised with shardwise's weights).
 
-Metrics per variant (median over timed steps, rank 0; memory per rank):
-  step_time_s        wall time of an optimizer step (Trainer.train_step's own timing; DeepSpeed: the same span)
+Metrics per variant (timed steps = all but step 1; rank 0 unless said; memory per rank):
+  step_time_s / step_time_min_s  median / min step wall time (Trainer.train_step's own timing; DeepSpeed: the
+                     same span). On a shared 2-core machine other tenants' load moves single steps by tens
+                     of percent: the min is the least disturbed figure; --repeats adds interleaved rounds
   peak_rss_max_gib   max over ranks of the process's peak resident set (VmHWM) at the end; _sum_gib: over ranks
-  trained_delta_max_gib  the same minus the rank's peak after imports and process-group set-up
-  read_gb / write_gb per step and rank (shardwise: the engine's offload_stats() deltas)
-  phase timers (shardwise: optimizer step, clipping, gradient write-out, parameter fetch, AdamW kernel,
-  time blocked in I/O waits, nested in the others; DeepSpeed: forward, backward, engine.step) in
-  extra.per_variant, with the first losses of each variant.
+  trained_delta_max_gib  the same minus the rank's RSS after imports and process-group set-up
+  disk_read_gb / disk_write_gb  bytes this rank's process moved to/from storage per step (/proc/self/io:
+                     the same counter for both frameworks); read_gb / write_gb: shardwise's own offload_stats()
+  phase timers in extra.per_variant (shardwise: model forward, clipping (includes waiting for the slower
+  rank), optimizer step, and inside it the AdamW kernel, write-back, time blocked in I/O waits; gradient
+  write-out and parameter fetch (NVMe); DeepSpeed: forward, backward, engine.step), with each step's loss.
 JSON `vs_deepspeed`: shardwise / DeepSpeed per metric at equal placement (< 1 = shardwise better; the issue's
 target for step time is <= 0.8). `loss_check`: the shardwise variants' losses must be identical; DeepSpeed's
-(same initial weights; DeepSpeedCPUAdam) are compared with sw_none's.
+(same initial weights, DeepSpeedCPUAdam) are compared with sw_none's.
 
 Peak RSS caveat: glibc keeps freed blocks above its (self-raising) mmap threshold in the heap, so a peak would
-count buffers already freed; every rank sets M_MMAP_THRESHOLD to 1 MiB first (as tests/test_memory_budget.py).
-The swap directory (--nvme-dir; default a fresh temp dir) decides what "NVMe" means: run it on the disk to
-measure. A variant that fails (e.g. DeepSpeed's NVMe offload) is kept out of the tables with its error under
-extra.status. Output via scripts/bench/harness.py: <out>/offload[_quick].json + .png.
+count buffers already freed; every rank sets M_MMAP_THRESHOLD to 1 MiB first (as tests/test_memory_budget.py;
+--glibc-default keeps glibc's). Each variant is its own process group (--shared: one per round, faster, but
+what earlier variants leave resident inflates later peaks). The swap directory (--nvme-dir; default a fresh
+temp dir) decides what "NVMe" means: put it on the disk to measure. A variant that fails (e.g. a DeepSpeed
+swapper assertion) is kept out of the tables with its exact error under extra.status. Output via
+scripts/bench/harness.py: <out>/offload[_quick].json + .png. DeepSpeed's CPU Adam and async_io ops are built
+(once, cached in TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) before the first variant.
 
-    nice -n 19 python scripts/bench/offload.py --out bench_out              # ~104 M parameters, ~10 min
-    nice -n 19 python scripts/bench/offload.py --quick --out bench_out      # ~13 M parameters, ~3 min
+    nice -n 19 python scripts/bench/offload.py --out bench_out          # ~103 M parameters, 8-14 min
+    nice -n 19 python scripts/bench/offload.py --quick --out bench_out  # ~13 M parameters, ~5 min
 """
 from __future__ import annotations
 
@@ -48,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # harness, peer_train, memory, shardwise from a plain checkout
 
 from harness import Variant, run_benchmark  # noqa: E402
-from offload_deepspeed import DS_VARIANTS, ds_run  # noqa: E402
+from offload_deepspeed import DS_VARIANTS, ds_run, proc_io  # noqa: E402
 
 SW_VARIANTS = {
     "sw_none": ["offload=none"],
@@ -140,19 +146,20 @@ def sw_run(rank, world, ovr, run_dir) -> dict:
             for attr in ("grad_out", "fetch_shard"):
                 timers.wrap(tier, attr, f"{attr}_s")
             timers.wrap(tier.aio, "wait", "io_wait_s")
-    rows, io_last, t_last = [], tr.engine.offload_stats(), dict(timers.s)
+    rows, io_last, t_last, disk_last = [], tr.engine.offload_stats(), dict(timers.s), proc_io()
     try:
         for _ in range(cfg.trainer.max_steps):
             m = tr.train_step()
-            io, t = tr.engine.offload_stats(), dict(timers.s)
+            io, t, disk = tr.engine.offload_stats(), dict(timers.s), proc_io()
             row = {"loss": m["loss"], "step_time_s": m["step_time_s"],
                    "read_gb": (io.get("bytes_read", 0) - io_last.get("bytes_read", 0)) / 1e9,
                    "write_gb": (io.get("bytes_written", 0) - io_last.get("bytes_written", 0)) / 1e9,
                    "offload_read_gbps": m.get("offload_read_gbps", 0.0),
-                   "offload_write_gbps": m.get("offload_write_gbps", 0.0)}
+                   "offload_write_gbps": m.get("offload_write_gbps", 0.0),
+                   "disk_read_gb": (disk[0] - disk_last[0]) / 1e9, "disk_write_gb": (disk[1] - disk_last[1]) / 1e9}
             row.update({k: t[k] - t_last[k] for k in t})
             rows.append(row)
-            io_last, t_last = io, t
+            io_last, t_last, disk_last = io, t, disk
         info = {"engine_memory_bytes": tr.engine.memory_bytes(),
                 "aio_backend": tier.aio.backend_name if tier is not None and tier.nvme else None,
                 "sub_groups": len(tier.groups) if tier is not None else None, "threads": torch_threads()}
@@ -178,7 +185,8 @@ def bench_worker(rank, world, names, a, swap_root, results_dir):
     a crash keeps the variants before it."""
     import ctypes
     import warnings
-    ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (module docstring: the glibc caveat)
+    if not a.glibc_default:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (module docstring: the glibc caveat)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's per-collective deprecation notes
     warnings.filterwarnings("ignore", category=UserWarning)
     import torch.distributed as dist
@@ -224,6 +232,9 @@ def summarize_variant(name: str, ranks: list[dict], per_variant: dict) -> dict:
     """Metrics of one variant from its per-rank results; details into `per_variant[name]`."""
     rows = ranks[0]["rows"]
     m = {"step_time_s": _median_after_warmup(rows, "step_time_s"),
+         "step_time_min_s": min(r["step_time_s"] for r in rows[1:] or rows),  # least disturbed by other load
+         "disk_read_gb": _median_after_warmup(rows, "disk_read_gb"),
+         "disk_write_gb": _median_after_warmup(rows, "disk_write_gb"),
          "peak_rss_max_gib": max(r["trained_gib"] for r in ranks),
          "peak_rss_sum_gib": sum(r["trained_gib"] for r in ranks),
          "trained_delta_max_gib": max(r["trained_gib"] - r["base_gib"] for r in ranks),
@@ -313,18 +324,19 @@ def loss_check(per_variant: dict) -> dict:
 def table(res: dict) -> str:
     st = {n: {k: s["median"] for k, s in v["stats"].items()} for n, v in res["variants"].items()}
     vs = res["vs_deepspeed"]
-    lines = [f"{'variant':<12} {'step_s':>8} {'rss_max':>8} {'rss_sum':>8} {'delta':>7} {'read_GB':>8} "
-             f"{'write_GB':>8} {'t/ds':>6} {'rss/ds':>6} {'dlt/ds':>6}"]
+    lines = [f"{'variant':<12} {'step_s':>8} {'min_s':>7} {'rss_max':>8} {'rss_sum':>8} {'delta':>7} {'read_GB':>8} "
+             f"{'write_GB':>8} {'t/ds':>6} {'min/ds':>6} {'rss/ds':>6} {'dlt/ds':>6}"]
     for n in res["config"]["order"]:
         s = st.get(n, {})
         if "step_time_s" not in s:
             lines.append(f"{n:<12} {res['extra']['status'].get(n, '')[:80]}")
             continue
         r = vs.get(n, {})
-        lines.append(f"{n:<12} {s['step_time_s']:>8.3f} {s['peak_rss_max_gib']:>8.2f} {s['peak_rss_sum_gib']:>8.2f} "
-                     f"{s['trained_delta_max_gib']:>7.2f} {s.get('read_gb', float('nan')):>8.2f} "
-                     f"{s.get('write_gb', float('nan')):>8.2f} "
-                     + (f"{r['step_time_s']:>6.2f} {r['peak_rss_max_gib']:>6.2f} {r['trained_delta_max_gib']:>6.2f}" if r else ""))
+        lines.append(f"{n:<12} {s['step_time_s']:>8.3f} {s['step_time_min_s']:>7.3f} {s['peak_rss_max_gib']:>8.2f} "
+                     f"{s['peak_rss_sum_gib']:>8.2f} {s['trained_delta_max_gib']:>7.2f} {s['disk_read_gb']:>8.2f} "
+                     f"{s['disk_write_gb']:>8.2f} "
+                     + (f"{r['step_time_s']:>6.2f} {r['step_time_min_s']:>6.2f} {r['peak_rss_max_gib']:>6.2f} "
+                        f"{r['trained_delta_max_gib']:>6.2f}" if r else ""))
     return "\n".join(lines)
 
 
@@ -342,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="all variants of a round in one process group (one launch: saves ~1 min per variant "
                          "on a busy machine) instead of one each; memory that earlier variants leave resident "
                          "(DeepSpeed's and torch's) then inflates later variants' peaks: compare *_delta_*")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="keep glibc's own mmap threshold (peaks then count freed heap blocks; to see what the "
+                         "1 MiB threshold costs in step time: every large allocation becomes a fresh mmap)")
     ap.add_argument("--ds-optimizer", choices=["cpu_adam", "torch"], default="cpu_adam")
     ap.add_argument("--nvme-dir", default=None, help="where the swap directories go (default: the temp dir)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per launch")

@@ -47,6 +47,14 @@ DS_VARIANTS = {
 }
 
 
+def proc_io() -> tuple[int, int]:
+    """(read_bytes, write_bytes) this process (all its threads) caused to storage so far (/proc/self/io;
+    O_DIRECT and libaio I/O included, page-cache hits not): the same I/O counter for both frameworks."""
+    with open("/proc/self/io") as fh:
+        f = dict(line.split(": ") for line in fh.read().splitlines())
+    return int(f["read_bytes"]), int(f["write_bytes"])
+
+
 def ds_config(cfg, world: int, variant: str, swap_dir: str, optimizer: str) -> dict:
     """DeepSpeed config of `variant` for shardwise config `cfg` on `world` ranks, swap files under `swap_dir`."""
     from shardwise.models.init import full_shapes
@@ -143,16 +151,15 @@ def ds_run(rank: int, world: int, variant: str, overrides: list[str], swap_dir: 
     with deepspeed.zero.Init(config_dict_or_path=conf), _no_own_init():
         model = Transformer(cfg.model)
     for name, p in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            with torch.no_grad():
-                p.copy_(init(name, p))
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            p.copy_(init(name, p))
     opt = _optimizer(model, cfg.optim, optimizer)
     sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
     engine, *_ = deepspeed.initialize(model=peer_train.DSLoss(model), optimizer=opt, lr_scheduler=sched, config=conf)
     build_s, built = time.perf_counter() - t_build, hwm()
     data = peer_train.batches(cfg, rank, world)
     num_micro_global = cfg.data.global_batch_size // cfg.data.micro_batch_size
-    rows = []
+    rows, io_last = [], proc_io()
     for _ in range(cfg.trainer.max_steps):
         mbs = data.next_step()
         t0 = time.perf_counter()
@@ -170,8 +177,11 @@ def ds_run(rank: int, world: int, variant: str, overrides: list[str], swap_dir: 
             fwd, bwd, stp = fwd + tb - ta, bwd + tc - tb, stp + time.perf_counter() - tc
             ce_total += ce.detach()
         dist.all_reduce(ce_total)
-        rows.append({"loss": float(ce_total / gt), "step_time_s": time.perf_counter() - t0,
-                     "forward_s": fwd, "backward_s": bwd, "engine_step_s": stp})
+        dt, io = time.perf_counter() - t0, proc_io()
+        rows.append({"loss": float(ce_total / gt), "step_time_s": dt, "forward_s": fwd, "backward_s": bwd,
+                     "engine_step_s": stp, "disk_read_gb": (io[0] - io_last[0]) / 1e9,
+                     "disk_write_gb": (io[1] - io_last[1]) / 1e9})
+        io_last = io
     out = {"rows": rows, "built_gib": built, "trained_gib": hwm(), "build_s": build_s,
            "threads": torch.get_num_threads()}
     dist.barrier()
