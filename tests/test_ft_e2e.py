@@ -63,8 +63,9 @@ REFS = {"zero3_rank": "zero3", "zero3_copy": "zero3", "node_loss": "node_loss", 
 # torchrun (with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which the launcher sets for --max-restarts) picks the
 # workers' MASTER_PORT by binding port 0 and releasing it; with ~10 jobs starting at once on this machine
 # another job's gloo socket can take that port first, and rank 0's store then fails with EADDRINUSE before
-# any step, spending the job's one restart on it. That is a port race of the test machine, not a recovery
-# failure: such a job is relaunched from scratch (once), never a job that reached a step.
+# any step, spending the job's one restart on it (the injected kill then finds no restart left). That is a port
+# race of the test machine, not a recovery failure: a job that failed after losing it is relaunched from
+# scratch, once; a job that never lost it is never relaunched.
 PORT_RACE = "EADDRINUSE"
 
 
@@ -87,9 +88,9 @@ class Job:
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def relaunch_after_port_race(self) -> bool:
-        """Start the job again from scratch if its first incarnation lost torchrun's port race (see PORT_RACE)
-        before writing any metrics; True if it did."""
-        if PORT_RACE not in self.output or (self.run_dir / "metrics.jsonl").exists():
+        """Start the job again from scratch if it failed after losing torchrun's port race (see PORT_RACE);
+        True if it did."""
+        if self.proc.returncode == 0 or PORT_RACE not in self.output:
             return False
         self.kill()
         shutil.rmtree(self.run_dir, ignore_errors=True)
