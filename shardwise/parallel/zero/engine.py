@@ -306,9 +306,11 @@ class ZeroEngine(ParamGatherMixin, ReduceOrderMixin, GradReduceMixin, OptimizerS
         return self.tier.io_stats() if self.tier is not None else {}
 
     def close(self) -> None:
-        """Release the offload tier (drain its I/O, remove its swap files)."""
+        """The run is over: release the offload tier (drain its I/O, remove its swap files) and remove the hooks
+        (the gradient hooks hold the engine through the parameters, a cycle that would keep it alive)."""
         if self.tier is not None:
             self.tier.close()
+        self.remove_hooks()
 
     def sharded_state_dict(self) -> dict:
         from .state import sharded_state_dict
