@@ -18,7 +18,8 @@ Metrics per variant (timed steps = all but step 1; rank 0 unless said; memory pe
   trained_delta_max_gib  the same minus the rank's RSS after imports and process-group set-up
   disk_read_gb / disk_write_gb  bytes this rank's process moved to/from storage per step (/proc/self/io:
                      the same counter for both frameworks); read_gb / write_gb: shardwise's own offload_stats()
-  phase timers in extra.per_variant (shardwise: model forward, clipping (includes waiting for the slower
+  minor_faults_k     thousands of minor page faults per step (first touches of freshly mapped memory)
+  phase timers in extra.per_variant (shardwise: model forward, gather start / wait, reduction start / wait, clipping (includes waiting for the slower
   rank), optimizer step, and inside it the AdamW kernel, write-back, time blocked in I/O waits; gradient
   write-out and parameter fetch (NVMe); DeepSpeed: forward, backward, engine.step), with each step's loss.
 JSON `vs_deepspeed`: shardwise / DeepSpeed per metric at equal placement (< 1 = shardwise better; the issue's
@@ -138,6 +139,10 @@ def sw_run(rank, world, ovr, run_dir) -> dict:
     timers.hook_optimizer(tr.optimizer, "optimizer_step_s")
     timers.wrap(tr.engine.module, "forward", "forward_s")  # the model (nn.Module: calls the instance forward)
     timers.wrap(tr.engine, "clip_grad_norm_", "clip_s")  # includes waiting for the slower rank (all-reduce)
+    # ZeRO-3 communication as seen by the rank: starting gathers (allocation of the full unit included),
+    # waiting for them, starting reductions (new gradient accumulator included) and waiting for them.
+    for attr in ("_start_gather", "_finish_gather", "_launch_reduce", "_finish_reduce"):
+        timers.wrap(tr.engine, attr, f"{attr.lstrip('_')}_s")
     tier = tr.engine.tier
     if tier is not None:
         timers.wrap(tier.kernel, "step", "adam_kernel_s")
@@ -156,7 +161,8 @@ def sw_run(rank, world, ovr, run_dir) -> dict:
                    "write_gb": (io.get("bytes_written", 0) - io_last.get("bytes_written", 0)) / 1e9,
                    "offload_read_gbps": m.get("offload_read_gbps", 0.0),
                    "offload_write_gbps": m.get("offload_write_gbps", 0.0),
-                   "disk_read_gb": (disk[0] - disk_last[0]) / 1e9, "disk_write_gb": (disk[1] - disk_last[1]) / 1e9}
+                   "disk_read_gb": (disk[0] - disk_last[0]) / 1e9, "disk_write_gb": (disk[1] - disk_last[1]) / 1e9,
+                   "minor_faults_k": (disk[2] - disk_last[2]) / 1e3}
             row.update({k: t[k] - t_last[k] for k in t})
             rows.append(row)
             io_last, t_last, disk_last = io, t, disk
@@ -235,6 +241,7 @@ def summarize_variant(name: str, ranks: list[dict], per_variant: dict) -> dict:
          "step_time_min_s": min(r["step_time_s"] for r in rows[1:] or rows),  # least disturbed by other load
          "disk_read_gb": _median_after_warmup(rows, "disk_read_gb"),
          "disk_write_gb": _median_after_warmup(rows, "disk_write_gb"),
+         "minor_faults_k": _median_after_warmup(rows, "minor_faults_k"),
          "peak_rss_max_gib": max(r["trained_gib"] for r in ranks),
          "peak_rss_sum_gib": sum(r["trained_gib"] for r in ranks),
          "trained_delta_max_gib": max(r["trained_gib"] - r["base_gib"] for r in ranks),

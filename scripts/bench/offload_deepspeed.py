@@ -47,12 +47,14 @@ DS_VARIANTS = {
 }
 
 
-def proc_io() -> tuple[int, int]:
-    """(read_bytes, write_bytes) this process (all its threads) caused to storage so far (/proc/self/io;
-    O_DIRECT and libaio I/O included, page-cache hits not): the same I/O counter for both frameworks."""
+def proc_io() -> tuple[int, int, int]:
+    """(read_bytes, write_bytes, minor page faults) of this process (all its threads) so far: storage I/O from
+    /proc/self/io (O_DIRECT and libaio included, page-cache hits not) and getrusage's ru_minflt (every first
+    touch of freshly mapped memory, e.g. a large tensor allocated anew); the same counters for both frameworks."""
+    import resource
     with open("/proc/self/io") as fh:
         f = dict(line.split(": ") for line in fh.read().splitlines())
-    return int(f["read_bytes"]), int(f["write_bytes"])
+    return int(f["read_bytes"]), int(f["write_bytes"]), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def ds_config(cfg, world: int, variant: str, swap_dir: str, optimizer: str) -> dict:
@@ -180,7 +182,7 @@ def ds_run(rank: int, world: int, variant: str, overrides: list[str], swap_dir: 
         dt, io = time.perf_counter() - t0, proc_io()
         rows.append({"loss": float(ce_total / gt), "step_time_s": dt, "forward_s": fwd, "backward_s": bwd,
                      "engine_step_s": stp, "disk_read_gb": (io[0] - io_last[0]) / 1e9,
-                     "disk_write_gb": (io[1] - io_last[1]) / 1e9})
+                     "disk_write_gb": (io[1] - io_last[1]) / 1e9, "minor_faults_k": (io[2] - io_last[2]) / 1e3})
         io_last = io
     out = {"rows": rows, "built_gib": built, "trained_gib": hwm(), "build_s": build_s,
            "threads": torch.get_num_threads()}
