@@ -77,10 +77,9 @@ def _fit_and_stop(overrides, run_dir, stop_at=None, truncate_at=None):
     def wrapped():
         if tr.step == truncate_at:
             os.truncate(tr.engine.tier.store.paths["master"], 4096)
-        m = step()
-        if tr.step == stop_at:
-            tr.stop_requested = True
-        return m
+        if stop_at is not None and tr.step == stop_at - 1:
+            tr.stop_requested = True  # as a SIGTERM during step `stop_at`: that step's collective carries it
+        return step()
     tr.train_step = wrapped
     try:
         tr.fit()
