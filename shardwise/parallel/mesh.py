@@ -151,9 +151,14 @@ class ParallelDims:
         for d in MESH_DIMS:
             self._groups[d] = self.mesh.get_group(d)
         self._groups["dp"] = self.mesh["dp_inter", "dp_node", "dp_pair"]._flatten("dp").get_group()
-        # ep / edp: every rank creates every group in the same order, keeps its own.
+        self._new_groups(("ep", "edp"))
+        return self
+
+    def _new_groups(self, names) -> None:
+        """Groups `names` (by group_ranks) for every rank: each rank creates every group in the same order
+        (dist.new_group is collective) and keeps its own."""
         me = dist.get_rank()
-        for name in ("ep", "edp"):
+        for name in names:
             seen = set()
             for r in range(self.world_size):
                 ranks = tuple(self.group_ranks(name, r))
@@ -163,7 +168,6 @@ class ParallelDims:
                 g = dist.new_group(list(ranks))
                 if me in ranks:
                     self._groups[name] = g
-        return self
 
     def build_intra_groups(self) -> "ParallelDims":
         """Create `dp_intra` (the data-parallel ranks inside this rank's dp_inter block: dp_pair x dp_node) and
@@ -171,17 +175,7 @@ class ParallelDims:
         Collective: every rank calls it, after build_mesh; not created by default (most jobs never use them)."""
         if not dist.is_initialized() or "dp_intra" in self._groups:
             return self
-        me = dist.get_rank()
-        for name in ("dp_intra", "edp_intra"):
-            seen = set()
-            for r in range(self.world_size):
-                ranks = tuple(self.group_ranks(name, r))
-                if ranks in seen:
-                    continue
-                seen.add(ranks)
-                g = dist.new_group(list(ranks))
-                if me in ranks:
-                    self._groups[name] = g
+        self._new_groups(("dp_intra", "edp_intra"))
         return self
 
     def group(self, name: str):
