@@ -12,6 +12,10 @@ addresses in <run_dir>/ft_smps.json (shardwise.fault_tolerance.smp_group). They 
 restarts (`--max-restarts R`: the restarted workers recover from them) and are stopped, segments removed,
 when torchrun returns or raises. Multi-node jobs start the SMPs outside (scripts/slurm/train.sbatch) and
 export SHARDWISE_FT_SMPS/SHARDWISE_FT_SECRET; the launcher then starts none.
+
+Hang detection (`trainer.hang_timeout_s > 0`): a watchdog thread beside torchrun reads the ranks' heartbeat
+files; on a hang it dumps every rank's stacks, kills the workers and the launcher exits 3 with the message
+(shardwise.fault_tolerance.watchdog).
 """
 from __future__ import annotations
 
@@ -102,11 +106,34 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print("shardwise-launch: --max-restarts: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (workers get their own store)",
               flush=True)
     smps = start_snapshot_managers(cfg, args[:split], world)
+    watchdog = start_hang_watchdog(cfg, world)
     try:
         torchrun_main(args)
+    except BaseException:
+        if watchdog is None or watchdog.verdict is None:
+            raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if smps is not None:
             smps.stop()
+    if watchdog is not None and watchdog.verdict is not None:  # it killed the hung job's workers
+        from .fault_tolerance.watchdog import HANG_EXIT_CODE
+        print(f"shardwise: job ended by the hang watchdog (details above and in {cfg.run_dir}/hang.txt)",
+              file=sys.stderr, flush=True)
+        sys.exit(HANG_EXIT_CODE)
+
+
+def start_hang_watchdog(cfg, world: Optional[int]):
+    """trainer.hang_timeout_s > 0: the watchdog over the ranks' heartbeat files (shardwise.fault_tolerance.watchdog)."""
+    if cfg.trainer.hang_timeout_s <= 0:
+        return None
+    from pathlib import Path
+
+    from .fault_tolerance.watchdog import HangWatchdog
+    if world is None:  # elastic world size: the heartbeat files say who is there
+        world = 0
+    return HangWatchdog.start(Path(cfg.run_dir), world, cfg.trainer.hang_timeout_s)
 
 
 def start_snapshot_managers(cfg, torchrun_args: list[str], world: Optional[int]):

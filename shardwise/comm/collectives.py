@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,10 @@ class Call:
 
 _backend_cache: dict = {}  # group object -> (backend name, required device type or None)
 _records: Optional[list[Call]] = None
+observer: Optional[Callable[[str, object], None]] = None
+"""Called as observer(collective name, group) before every collective is issued (group None = the default
+group). shardwise.trainer.hang installs one: the heartbeat's "last collective entered" and its sequence
+numbers. One attribute test per collective when unset."""
 
 
 def _backend_of(group) -> str:
@@ -86,6 +90,8 @@ def _site() -> str:
 
 def check(name: str, group, tensors: Sequence[torch.Tensor]) -> None:
     """Raise CollectiveDeviceError when `group`'s backend needs a device type some tensor is not on."""
+    if observer is not None:
+        observer(name, group)
     backend, need = _info(group)
     if _records is not None:
         _records.append(Call(name, backend, tuple(t.device.type for t in tensors), _site()))
@@ -140,14 +146,20 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
 
 
 def barrier(group=None) -> None:
+    if observer is not None:
+        observer("barrier", group)
     dist.barrier(group=group)
 
 
 def all_gather_object(objs: list, obj, group=None) -> None:
+    if observer is not None:
+        observer("all_gather_object", group)
     dist.all_gather_object(objs, obj, group=group)
 
 
 def broadcast_object_list(objs: list, src: int = 0, group=None) -> None:
+    if observer is not None:
+        observer("broadcast_object_list", group)
     dist.broadcast_object_list(objs, src=src, group=group)
 
 

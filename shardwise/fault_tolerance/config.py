@@ -24,6 +24,18 @@ class FaultInjectConfig:
     target: str = "trainer"
     """What is killed: `trainer` (the training process(es); the node's SMP survives) or `smp` (the node's
     snapshot manager, losing its snapshots: they are rebuilt from parity)."""
+    slow_rank: Optional[int] = None
+    """Global rank that sleeps slow_s seconds inside phase slow_phase on every step (straggler tests)."""
+    slow_phase: str = "forward"
+    """The phase slow_rank is slowed in: data, forward, backward, grad_reduce, optimizer or snapshot."""
+    slow_s: float = 0.0
+    """Seconds slow_rank sleeps in slow_phase per step."""
+    hang_rank: Optional[int] = None
+    """Global rank that stops for good before its next collective after step kill_step (hang tests: the
+    watchdog of trainer.hang_timeout_s must end the job)."""
+    hang_phase: Optional[str] = None
+    """Stop hang_rank only before a collective issued in this phase (e.g. grad_reduce: before a ZeRO gradient
+    reduction); null = before the very next collective."""
 
 
 @dataclass
@@ -84,7 +96,21 @@ def validate_ft(cfg: FaultToleranceConfig, world_size: int, ranks_per_node: int)
         p.append(f"{f}inject.kill_node={inj.kill_node} outside 0..{nodes - 1}")
     if inj.kill_step is not None and inj.kill_step < 0:
         p.append(f"{f}inject.kill_step={inj.kill_step} must be >= 0")
-    if inj.kill_step is not None and cfg.snapshot_every == 0 and cfg.checkpoint_every == 0 and not cfg.allow_fresh_start:
+    if inj.hang_rank is not None and inj.kill_step is None:
+        p.append(f"{f}inject.kill_step is required when inject.hang_rank is set (the rank hangs after that step)")
+    if inj.hang_rank is not None and not 0 <= inj.hang_rank < world_size:
+        p.append(f"{f}inject.hang_rank={inj.hang_rank} outside 0..{world_size - 1}")
+    if inj.slow_rank is not None and not 0 <= inj.slow_rank < world_size:
+        p.append(f"{f}inject.slow_rank={inj.slow_rank} outside 0..{world_size - 1}")
+    if inj.slow_s < 0:
+        p.append(f"{f}inject.slow_s={inj.slow_s} must be >= 0")
+    phases = ("data", "forward", "backward", "grad_reduce", "optimizer", "snapshot")
+    for name in ("slow_phase", "hang_phase"):
+        v = getattr(inj, name)
+        if v is not None and v not in phases:
+            p.append(f"{f}inject.{name}={v!r} must be one of {', '.join(phases)}")
+    kills = inj.kill_rank is not None or inj.kill_node is not None
+    if kills and inj.kill_step is not None and cfg.snapshot_every == 0 and cfg.checkpoint_every == 0 and not cfg.allow_fresh_start:
         p.append(f"{f}inject.kill_step is set but snapshot_every=0 and checkpoint_every=0: nothing to recover "
                  f"from (enable snapshots or set {f}allow_fresh_start=true)")
     return p

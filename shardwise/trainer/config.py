@@ -266,6 +266,24 @@ class TrainerConfig:
     non-reentrant, one block = one checkpoint): `none`, `full` (every block) or `every:N` (blocks whose global
     index is a multiple of N: 0, N, 2N, ...; every:1 = full). Same results as `none` (exact in fp32) at any
     layout (TP/SP, PP, EP, ZeRO-3), about one extra forward of the marked blocks per step."""
+    # --- observability (docs/observability.md): phase timers, stragglers, hangs, profiler ---
+    phase_timing: bool = True
+    """Time the phases of every step on every rank (data, forward, backward, grad_reduce, optimizer, snapshot) and
+    find the slowest/fastest rank per phase with one small world-wide all-gather per step: metrics
+    `straggler.<phase>.max_rank/.max_s/.min_s/.median_s`. false = none of it (no extra collective)."""
+    straggler_factor: float = 2.0
+    """A rank whose step time outside collective waits exceeds this times the median rank's for
+    trainer.straggler_steps consecutive steps is reported (rank, host, phase). 0 = never report."""
+    straggler_steps: int = 3
+    """k: consecutive slow steps before a rank is reported as a straggler."""
+    hang_timeout_s: float = 0.0
+    """> 0: every rank heartbeats (step, phase, last collective entered) to run_dir/heartbeats and
+    shardwise-launch's watchdog ends the job when no rank made progress for this long, naming the rank(s) that
+    did not arrive and the collective the others wait in, with every rank's Python stack in run_dir/stacks.
+    0 = off (the process group's parallel.timeout_s is then the only limit)."""
+    profile_steps: List[int] = field(default_factory=list)
+    """[a, b]: record steps a..b (inclusive) with torch.profiler and write one Chrome trace per rank to
+    run_dir/profile/rank<r>.json, with ranges named after the phases and the ZeRO units. [] = off."""
 
 
 @dataclass

@@ -169,6 +169,8 @@ class Trainer:
         # Peak memory once the model, engine, data and any resumed state are built (before the first step):
         # what construction alone costs, reported next to the running peak `memory_gib`.
         self.memory_gib_init = memory_gib(env.device)
+        from .observe import Observability  # phase timers, stragglers, heartbeats, profiler (docs/observability.md)
+        self.obs = Observability.build(self)
 
     def _eval_set(self, valid_ds) -> list[dict[str, torch.Tensor]]:
         """This rank's eval micro-batches, padded with fully masked ones so every rank runs the same number
@@ -188,16 +190,20 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; returns metrics (identical on every rank)."""
         t0 = time.perf_counter()
+        self.obs.begin_step(self.step + 1)
+        self.obs.switch("data")
         self.engine.train()
         micro_batches = [self._to_device(b) for b in self.data.next_step()]
         local_tokens = sum(b["loss_mask"].sum() for b in micro_batches)
         local_tokens = torch.as_tensor(local_tokens, dtype=torch.float32, device=self.env.device).reshape(1)
+        self.obs.switch(None)
         global_tokens = all_reduce_sum(local_tokens.clone(), self.sync_group).clamp_min(1.0)[0]
         ce_total = torch.zeros((), device=self.env.device)
         aux_total = torch.zeros((), device=self.env.device)
         expert_counts: Optional[torch.Tensor] = None
         dropped = torch.zeros((), device=self.env.device)
         if self.pipeline is not None:  # the schedule runs every micro-batch; the loop below then has none
+            self.obs.switch("backward")  # interleaved forward + backward: all of it counts as backward
             ce_total, aux_total, expert_counts, dropped = self.pipeline.forward_backward(
                 micro_batches, global_tokens, self.num_micro_global, self.autocast)
         for i, mb in enumerate(micro_batches if self.pipeline is None else []):
@@ -205,9 +211,11 @@ class Trainer:
             # Reduce gradients once, after the last micro-batch.
             sync = contextlib.nullcontext() if last else self.engine.no_sync()
             with sync:
+                self.obs.switch("forward")
                 with self.autocast:
                     out = self.engine(mb["tokens"], mb["labels"], mb["loss_mask"], mb.get("position_ids"))
                 loss = out.ce_sum / global_tokens + out.aux_loss / self.num_micro_sync
+                self.obs.switch("backward")
                 loss.backward()
             ce_total += out.ce_sum.detach()
             aux_total += out.aux_loss.detach()
@@ -217,11 +225,14 @@ class Trainer:
                 dropped += torch.stack([s.dropped_fraction for s in out.moe_stats]).mean()
 
         # Gradients are now summed over dp (and the sequence-parallel norm weights' over tp) by the engine.
+        self.obs.switch("optimizer")
         clip = self.cfg.optim.grad_clip
         grad_norm = (self.pipeline or self.engine).clip_grad_norm_(clip if clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         if self.ft is not None:
+            self.obs.switch("snapshot")
             self.ft.before_optimizer_step()  # the in-flight snapshot reads the buffers this step overwrites
+        self.obs.switch(None)
         # One small collective carries the step's metrics and the stop flag (SIGTERM on any rank). Under CO2 the
         # nodes exchange nothing inside a round: it is summed over the node only, and over all nodes on a round's
         # last step, BEFORE that step's optimizer step launches the outer all-reduce (on a slow link a small
@@ -234,9 +245,11 @@ class Trainer:
         node_only = self.co2 is not None and self.bias_rows is None
         cross = not node_only or (self.co2.inner_steps + 1) % self.co2.tau == 0
         packed = all_reduce_sum(torch.cat(parts), self.dp_group).cpu() if cross and node_only else None
+        self.obs.switch("optimizer")
         self.optimizer.step()
         self.scheduler.step()
         self.engine.zero_grad()
+        self.obs.switch(None)
         self.step += 1
         if packed is None:  # [4]: the tokens of the reduced ranks
             packed = all_reduce_sum(torch.cat(parts), self.dp_group if cross else self.sync_group).cpu()
@@ -278,6 +291,7 @@ class Trainer:
         if self.pipeline is not None:
             m.update(self.pipeline.metrics())  # pp_bubble_mean / pp_bubble_max
         m.update(self._offload_metrics())
+        m.update(self.obs.end_step(self.step, step_time, world_wide=cross))  # straggler.* (one world-wide all-gather)
         return m
 
     def _offload_metrics(self) -> dict[str, float]:
@@ -331,16 +345,19 @@ class Trainer:
                     self.metrics.log(self.step, m)
                     history.append({"step": self.step, **m})
                 self.metrics.advance()
+                self.obs.switch("snapshot")  # counted in the next step's record (its phase times)
                 if self.ft is not None:
                     self.ft.after_step(self)  # async snapshot of this step (after its world-wide collectives)
                 if self.checkpointer is not None:
                     self.checkpointer.after_step(self)  # durable checkpoint (async; blocks for the host copy only)
+                self.obs.switch(None)
                 if self.stop_agreed:
                     log.warning("stop requested (SIGTERM): finished step %d cleanly and stopping", self.step)
                     break
             if self.co2 is not None:
                 self.co2.wait()  # the last round's all-reduce: no collective left in flight at exit
         finally:
+            self.obs.close()
             self.metrics.close()
             if self.ft is not None:
                 self.ft.close()

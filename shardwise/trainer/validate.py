@@ -281,6 +281,9 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
                         "block once per weight group): use gpipe, 1f1b or interleaved_1f1b, or "
                         "trainer.activation_checkpointing=none")
 
+    from .observe import observability_problems
+    problems += observability_problems(t, world_size)
+
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
