@@ -154,15 +154,23 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def plot(result: dict[str, Any], path: Path) -> Path | None:
-    """One panel per metric: every sample as a dot, the median as a bar. None if no matplotlib."""
+def pyplot(what: str = "plot (JSON still written)"):
+    """matplotlib.pyplot on the headless Agg backend, or None (with a warning) when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # headless: benchmarks run on servers
         import matplotlib.pyplot as plt
     except ImportError:
-        print("warning: matplotlib not installed; skipping plot (JSON still written)", file=sys.stderr)
+        print(f"warning: matplotlib not installed; skipping {what}", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    """One panel per metric: every sample as a dot, the median as a bar. None if no matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return None
     names = list(result["variants"])
     metrics = sorted({m for v in result["variants"].values() for m in v["samples"]})

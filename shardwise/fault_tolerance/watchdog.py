@@ -59,6 +59,7 @@ def diagnose(hbs: dict[int, dict], world_size: int, now: float, stale_s: float) 
     members: dict[str, list[int]] = {}
     for h in hbs.values():
         members.update(h.get("members", {}))
+    found, waiting = [], set()
     for label, ranks in sorted(members.items()):
         seqs = {r: hbs[r]["seqs"].get(label, 0) for r in ranks if r in hbs}
         top = max(seqs.values(), default=0)
@@ -67,11 +68,19 @@ def diagnose(hbs: dict[int, dict], world_size: int, now: float, stale_s: float) 
             continue
         ahead = sorted(r for r, s in seqs.items() if s == top)
         laggards.update(behind)
+        waiting.update(ahead)
         low = min(seqs[r] for r in behind)
         first = _entry(hbs, ahead + [r for r in seqs if r not in behind], label, low + 1)
         what = f"{first[2]} #{low + 1} (step {first[3]}, phase {first[4]})" if first else f"collective #{low + 1}"
-        lines.append(f"rank(s) {_ranks(behind)} did not arrive at {what} on group [{label}]; "
-                     f"rank(s) {_ranks(ahead)} entered it and wait there")
+        found.append((behind, f"rank(s) {_ranks(behind)} did not arrive at {what} on group [{label}]; "
+                              f"rank(s) {_ranks(ahead)} entered it and wait there"))
+    # A rank behind in one group may itself be waiting in another (ahead there): it is a victim. The ranks
+    # behind somewhere and waiting nowhere are where the hang starts; their groups come first.
+    roots = laggards - waiting
+    if roots:
+        lines.append(f"rank(s) {_ranks(roots)} did not arrive (behind in a collective, waiting in none):")
+    found.sort(key=lambda f: not set(f[0]) & roots)
+    lines += [("  " if roots else "") + text for _, text in found]
     if not laggards and not dead and not missing:
         lines.append("every rank is at the same collective count: no rank is behind (a collective that never "
                      "completes, or a long stretch without collectives; raise trainer.hang_timeout_s if legitimate)")

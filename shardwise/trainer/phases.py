@@ -12,8 +12,8 @@ taken after a step: reported with the NEXT step, whose record they fall into). C
 synchronise (the step's token count and metrics all-reduces, the exchange itself) are in no phase.
 
 Gradient reduction: ZeRO reduces from autograd hooks inside backward (shardwise.parallel.zero.order /
-reduce). `instrument_engine` wraps the engine's reduction entry points (launch of a unit's reduction,
-the chain-level launches from the hooks, the finish/wait of a reduction, the tp sum of partial gradients)
+reduce). `instrument_engine` wraps the engine's reduction entry points (launch of a unit's reduction, the
+finish/wait of a reduction, the tp sum of partial gradients, the pipeline's reduce_gradients)
 in the `grad_reduce` phase, so the time the main thread spends issuing and WAITING for reductions is
 taken out of `backward`. The part of a transfer that overlaps backward compute costs the main thread nothing
 and is in no phase: grad_reduce is the exposed communication. This is where ranks that wait for a slow one
@@ -111,7 +111,9 @@ def zero_engines(engine) -> list:
             for e in zero_engines(getattr(engine, name))]
 
 
-_REDUCE_METHODS = ("_launch_reduce", "_launch_partial_outer", "_finish_reduce", "_advance", "_sum_partial_over_tp",
+# Not `_advance`: it only polls the launch queue (no waiting), and from forward hooks it launches parameter
+# gathers, which are not gradient reduction.
+_REDUCE_METHODS = ("_launch_reduce", "_launch_partial_outer", "_finish_reduce", "_sum_partial_over_tp",
                    "reduce_gradients")
 
 
