@@ -150,3 +150,35 @@ def test_hang_ends_job_naming_rank_and_collective(tmp_path):
     assert "_stall" in (run / "stacks" / f"rank{HANG_RANK}.txt").read_text()
     assert "Current thread" in (run / "stacks" / "rank0.txt").read_text()  # the waiting rank's stack too
     assert leftover == [], leftover  # the snapshot managers removed their /dev/shm segments
+
+
+def test_bad_observability_config_is_one_clear_error():
+    from shardwise.trainer.compose import compose_config
+    from shardwise.trainer.validate import ConfigError, validate_config
+
+    cfg, _ = compose_config(["recipe=tiny_dense", "trainer.straggler_factor=1.0", "trainer.profile_steps=[3]",
+                             "trainer.hang_timeout_s=-1", "fault_tolerance.inject.slow_phase=fwd",
+                             "fault_tolerance.inject.hang_rank=5"])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg, 2)
+    msg = str(e.value)
+    for field in ("trainer.straggler_factor=1.0", "trainer.profile_steps=[3]", "trainer.hang_timeout_s=-1",
+                  "fault_tolerance.inject.slow_phase='fwd'", "inject.kill_step is required when inject.hang_rank",
+                  "inject.hang_rank=5 outside 0..1"):
+        assert field in msg, (field, msg)
+
+
+def test_diagnose_names_the_origin_before_its_victims():
+    from shardwise.fault_tolerance.watchdog import diagnose
+
+    def hb(r, seqs, hist):
+        return {"rank": r, "pid": 1, "host": "h", "time": 100.0, "state": "running", "step": 3, "phase": "forward",
+                "progress": 1, "seqs": seqs, "members": {"0,1": [0, 1], "0,2": [0, 2]}, "history": hist}
+    # rank 1 never entered the 5th collective of [0,1]; rank 0 waits there, so rank 2 waits for rank 0 in [0,2]
+    hbs = {0: hb(0, {"0,1": 5, "0,2": 3}, [["0,1", 5, "reduce_scatter_single", 3, "grad_reduce"]]),
+           1: hb(1, {"0,1": 4}, [["0,1", 4, "all_reduce", 2, "between"]]),
+           2: hb(2, {"0,2": 4}, [["0,2", 4, "all_gather_single", 3, "forward"]])}
+    lines = diagnose(hbs, 3, now=101.0, stale_s=10).splitlines()
+    assert lines[0].startswith("rank(s) 1 did not arrive (behind in a collective, waiting in none)")
+    assert "rank(s) 1 did not arrive at reduce_scatter_single #5 (step 3, phase grad_reduce) on group [0,1]" in lines[1]
+    assert "rank(s) 0 did not arrive at all_gather_single #4" in lines[2]
