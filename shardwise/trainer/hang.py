@@ -28,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -84,8 +85,10 @@ class Heartbeat:
         label = self._labels.get(group)
         if label is None:
             ranks = group_ranks(group)
+            # The label is the membership (the same string on every member; two groups with the same ranks
+            # share it, and every member then counts both alike). Large groups: ends, size and a CRC.
             label = self._labels[group] = ",".join(map(str, ranks)) if len(ranks) <= 16 else \
-                f"{ranks[0]}..{ranks[-1]}/{len(ranks)}@{id(group):x}"
+                f"{ranks[0]}..{ranks[-1]}/{len(ranks)}#{zlib.crc32(repr(ranks).encode()):08x}"
             self.members[label] = list(ranks)
         hung, after, phase = self._hang
         if hung and after is not None and self.step > after and (phase is None or phase == self.phase):
