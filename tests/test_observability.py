@@ -78,7 +78,7 @@ def test_straggler_named_by_rank_host_and_phase_within_k_steps(slow_run):
         # the slowest rank of the slowed phase; the others wait for it in grad_reduce, so the slowed rank is
         # the one that waits least there
         assert r[f"straggler.{SLOW_PHASE}.max_rank"] == SLOW_RANK, r
-        assert r[f"straggler.{SLOW_PHASE}.max_s"] > 0.5 > r[f"straggler.{SLOW_PHASE}.median_s"], r
+        assert r[f"straggler.{SLOW_PHASE}.max_s"] >= 0.6 > r[f"straggler.{SLOW_PHASE}.median_s"], r  # slept 0.6 s
         assert r["straggler.grad_reduce.min_rank"] == SLOW_RANK, r
         for p in ("data", "forward", "backward", "grad_reduce", "optimizer", "snapshot"):
             assert {f"straggler.{p}.{s}" for s in ("max_rank", "max_s", "median_s")} <= r.keys()
