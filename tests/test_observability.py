@@ -182,3 +182,26 @@ def test_diagnose_names_the_origin_before_its_victims():
     assert lines[0].startswith("rank(s) 1 did not arrive (behind in a collective, waiting in none)")
     assert "rank(s) 1 did not arrive at reduce_scatter_single #5 (step 3, phase grad_reduce) on group [0,1]" in lines[1]
     assert "rank(s) 0 did not arrive at all_gather_single #4" in lines[2]
+
+
+def _exchange_worker(rank, world):
+    import torch
+
+    from shardwise.trainer.phases import PHASES, StragglerDetector, exchange
+
+    times = {p: 0.01 * (i + 1) for i, p in enumerate(PHASES)}
+    times["backward"] = 1.0 if rank == 1 else 0.1
+    view = exchange(times, 2.0 + rank, torch.device("cpu"))
+    det = StragglerDetector(1.5, 1, hosts=[f"h{r}" for r in range(world)])
+    return view.tolist(), det.update(1, view)
+
+
+def test_exchange_all_gathers_every_rank_row_when_the_metrics_reduce_is_not_world_wide():
+    from shardwise.testing import run_distributed
+
+    out = run_distributed(_exchange_worker, 3, timeout=120)
+    view, (m, report) = out[0]
+    assert [row[-1] for row in view] == [2.0, 3.0, 4.0]  # row r = rank r
+    assert m["straggler.backward.max_rank"] == 1 and m["straggler.backward.median_s"] == pytest.approx(0.1)
+    assert (report["rank"], report["host"], report["phase"]) == (1, "h1", "backward")
+    assert all(o == out[0] for o in out)  # the same verdict on every rank

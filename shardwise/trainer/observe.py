@@ -5,6 +5,8 @@
     obs = Observability.build(trainer)     # end of Trainer.__init__ (collective: host names, when timing)
     obs.begin_step(step)                   # step about to run
     obs.switch("forward"); ...; obs.switch(None)   # or: with obs.phase("snapshot"): ...
+    parts += obs.pack(group, world_wide)   # this rank's phase times ride on the step's metrics all-reduce
+    packed = obs.unpack(all_reduce(cat(parts), group), group)
     m.update(obs.end_step(step, step_time, world_wide=True))   # after the step's metrics collective
     obs.close()                            # end of fit
 """
@@ -14,8 +16,11 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from .phases import PHASES, PhaseTimer, StragglerDetector, exchange, instrument_engine
 
@@ -64,7 +69,10 @@ class Observability:
                 hosts = [None] * env.world_size
                 C.all_gather_object(hosts, socket.gethostname())
             self.detector = StragglerDetector(t.straggler_factor, t.straggler_steps, hosts)
-        self.is_main = env.is_main
+        self.is_main, self.world = env.is_main, env.world_size
+        self._groups: dict = {}
+        self._view = None
+        self._t0 = time.perf_counter()
 
     build = classmethod(lambda cls, trainer: cls(trainer))
 
@@ -77,6 +85,7 @@ class Observability:
             self.timer.switch(name)
 
     def begin_step(self, step: int) -> None:
+        self._t0 = time.perf_counter()
         if self.timer is not None:
             self.timer.new_step()
         if self.heartbeat is not None:
@@ -85,6 +94,43 @@ class Observability:
             self.profiler.before_step(step)
             if self.timer is not None:
                 self.timer.record = self.profiler.record
+
+    def pack(self, group, world_wide: bool) -> list:
+        """[] or [a world x 7 float32 block, zero but for this rank's row]: appended to the step's metrics
+        all-reduce (a sum) when its `group` spans the world, the sum is every rank's row, i.e. the all-gather,
+        at no extra collective. Otherwise [] and end_step gathers itself."""
+        self._view = None
+        if self.detector is None or not world_wide or self.packed_group(group) is None:
+            return []
+        slot, _ = self.packed_group(group)
+        row = [*self.timer.take().values(), time.perf_counter() - self._t0]
+        buf = torch.zeros(self.world, len(row), dtype=torch.float32, device=self.device)
+        buf[slot] = torch.tensor(row, dtype=torch.float32)
+        self._view = True
+        return [buf.flatten()]
+
+    def packed_group(self, group):
+        """(this rank's slot, slot -> global rank) of `group` when it has every rank; else None (cached)."""
+        key = id(group)
+        if key not in self._groups:
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                self._groups[key] = (0, [0]) if self.world == 1 else None
+            elif dist.get_world_size(group) != self.world:
+                self._groups[key] = None
+            else:
+                self._groups[key] = (dist.get_rank(group), dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+        return self._groups[key]
+
+    def unpack(self, packed, group):
+        """The metrics all-reduce's result without the block pack() appended (kept for end_step)."""
+        if self._view is None:
+            return packed
+        n = self.world * (len(PHASES) + 1)
+        view = torch.empty(self.world, len(PHASES) + 1, dtype=torch.float64)
+        view[self.packed_group(group)[1]] = packed[-n:].view(self.world, -1).double()  # slot order -> global rank
+        self._view = view
+        return packed[:-n]
 
     def end_step(self, step: int, step_time: float, world_wide: bool = True) -> dict:
         """The step's straggler metrics (empty when timing is off, or on a CO2 step that crosses no node:
@@ -95,7 +141,9 @@ class Observability:
                 self.timer.record = self.profiler.record
         if self.detector is None or not world_wide:
             return {}
-        view = exchange(self.timer.take(), step_time, self.device)
+        view = self._view if isinstance(self._view, torch.Tensor) else \
+            exchange(self.timer.take(), step_time, self.device)  # the metrics all-reduce did not span the world
+        self._view = None
         m, report = self.detector.update(step, view)
         if report is not None and report["steps"] == self.detector.steps and self.is_main:
             log.warning("straggler: rank %d (host %s) slow for %d consecutive steps, phase %s: %.3f s per step "

@@ -3,7 +3,7 @@
     timer = PhaseTimer(on_phase=heartbeat.set_phase)
     with timer.phase("forward"): ...            # exclusive times: a nested phase pauses the outer one
     times = timer.take()                        # {phase: seconds} since the last take(), then reset
-    view = exchange(times, step_time, ...)      # ONE all-gather of a few floats per rank, over the world
+    view = exchange(times, step_time, ...)      # the [world, 7] matrix (or: riding on the metrics all-reduce)
     metrics, report = detector.update(step, view)
 
 Phases: data (next batch, to the device, this rank's token count), forward, backward, grad_reduce,
@@ -19,8 +19,11 @@ taken out of `backward`. The part of a transfer that overlaps backward compute c
 and is in no phase: grad_reduce is the exposed communication. This is where ranks that wait for a slow one
 spend that wait, so the straggler rule compares ranks on their step time without grad_reduce.
 
-Why all-gather, not max/min all-reduces: one collective of 8 floats x world gives max, argmax, min and the
-median (which no reduction gives) at once; at 1024 ranks it is 64 KiB. Every rank gets the same matrix and
+Why a gathered matrix, not max/min all-reduces: 7 floats x world give max, argmax, min and the median
+(which no reduction gives) at once. When the step's metrics all-reduce spans the world (data parallel only),
+each rank adds a world x 7 block, zero but for its own row, to it: the sum IS the matrix, with no extra
+collective (shardwise.trainer.observe.pack; 28 bytes x world, 28 KiB at 1024 ranks). Otherwise (tp, pp, ep
+layouts, whose metrics all-reduce is over dp) `exchange` all-gathers it. Every rank gets the same matrix and
 computes the same verdict; rank 0 logs it.
 """
 from __future__ import annotations

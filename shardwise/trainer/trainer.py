@@ -244,7 +244,9 @@ class Trainer:
             parts.append(expert_counts.flatten())
         node_only = self.co2 is not None and self.bias_rows is None
         cross = not node_only or (self.co2.inner_steps + 1) % self.co2.tau == 0
-        packed = all_reduce_sum(torch.cat(parts), self.dp_group).cpu() if cross and node_only else None
+        # + each rank's phase times (straggler.*) when the group spans the world (obs.pack; docs/observability.md)
+        packed = self.obs.unpack(all_reduce_sum(torch.cat(parts + self.obs.pack(self.dp_group, cross)), self.dp_group)
+                                 .cpu(), self.dp_group) if cross and node_only else None
         self.obs.switch("optimizer")
         self.optimizer.step()
         self.scheduler.step()
@@ -252,7 +254,8 @@ class Trainer:
         self.obs.switch(None)
         self.step += 1
         if packed is None:  # [4]: the tokens of the reduced ranks
-            packed = all_reduce_sum(torch.cat(parts), self.dp_group if cross else self.sync_group).cpu()
+            group = self.dp_group if cross else self.sync_group
+            packed = self.obs.unpack(all_reduce_sum(torch.cat(parts + self.obs.pack(group, cross)), group).cpu(), group)
         n_micro = self.num_micro_global if cross else self.num_micro_sync
         if cross:
             stop = packed[3:4].clone()
