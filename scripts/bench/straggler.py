@@ -3,15 +3,18 @@
 
 One spawned job of `--world` gloo ranks builds two real Trainers of `--recipe` (default tiny_moe) side by side:
 `off` (trainer.phase_timing=false, trainer.hang_timeout_s=0: no timers, no extra collective, no heartbeat) and
-`on` (phase_timing=true, hang_timeout_s=60: timers, the world-wide all-gather per step, heartbeat observer and
-its writer thread), and alternates their steps: off, on, off, on, ... so that machine drift hits both alike.
+`on` (phase_timing=true, hang_timeout_s=60: timers, the phase-time block on the step's metrics all-reduce, the
+heartbeat observer and its writer thread), and alternates their steps: off, on, on, off, off, on, ... so that machine drift and the order hit both alike.
 Each step is timed on rank 0 around `train_step()` (which includes the on-variant's exchange). The collectives
 observer is process-global, so it is swapped per step: the off steps pay nothing for it. The first
-`--warmup` pairs are not counted. The launcher-side watchdog (a thread reading the heartbeat files every
+`--warmup` pairs are not counted. Because a few % of noise on a loaded machine hides a 1% effect, the
+rank-side cost is also computed by construction: events per step (collectives entered + phase changes, from
+the heartbeat) x the measured cost of one event (timer switch + observer, in-process), over the step time. The launcher-side watchdog (a thread reading the heartbeat files every
 couple of seconds, in another process) is not part of it.
 
 Metrics per round (one job): off_step_s and on_step_s (medians), overhead_pct = 100 * (on / off - 1) of the
-medians, and paired_overhead_pct = 100 * (median of the per-pair on/off ratios - 1). Output through
+medians, and paired_overhead_pct = 100 * (median of the per-pair on/off ratios - 1), events_per_step, event_cost_us and
+event_overhead_pct. Output through
 scripts/bench/harness.py: <out>/straggler.json (+ .png).
 
     python scripts/bench/straggler.py --world 4 --steps 30 --repeats 3 --out bench_out
@@ -56,7 +59,9 @@ def _worker(rank, world, a, run_dir):
         observers[name] = hb.on_collective if hb is not None else None
     times = {n: [] for n in trainers}
     for i in range(a.steps + a.warmup):
-        for name, tr in trainers.items():
+        order = ["off", "on"] if i % 2 == 0 else ["on", "off"]  # neither variant always runs second
+        for name in order:
+            tr = trainers[name]
             C.observer = observers[name]
             t0 = time.perf_counter()
             tr.train_step()
@@ -64,6 +69,8 @@ def _worker(rank, world, a, run_dir):
             if i >= a.warmup:
                 times[name].append(dt)
     C.observer = None
+    hb = trainers["on"].obs.heartbeat
+    times["events_per_step"] = hb.progress / (a.steps + a.warmup)  # collectives entered + phase changes
     for tr in trainers.values():
         tr.obs.close()
         tr.close()
@@ -77,8 +84,30 @@ def run_round(a) -> dict:
         times = run_distributed(_worker, a.world, a, tmp, timeout=900)[0]
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     paired = statistics.median(b / x for x, b in zip(times["off"], times["on"]))
+    per_event = event_cost_s()
     return {"off_step_s": off, "on_step_s": on, "overhead_pct": 100 * (on / off - 1),
-            "paired_overhead_pct": 100 * (paired - 1)}
+            "paired_overhead_pct": 100 * (paired - 1), "events_per_step": times["events_per_step"],
+            "event_cost_us": per_event * 1e6,
+            # the rank-side cost by construction: events per step x cost per event, over the off step time
+            "event_overhead_pct": 100 * times["events_per_step"] * per_event / off}
+
+
+def event_cost_s(n: int = 20000) -> float:
+    """Seconds per heartbeat event (half a phase switch pair + one observed collective), measured in-process
+    (no process group: the observer's group label is precomputed)."""
+    from shardwise.trainer.hang import Heartbeat
+    from shardwise.trainer.phases import PhaseTimer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hb = Heartbeat(Path(tmp), 0, 3600.0)
+        hb._labels[None], hb.members["0"] = "0", [0]
+        timer = PhaseTimer(hb.set_phase)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            timer.switch("forward")
+            timer.switch(None)
+            hb.on_collective("all_reduce", None)
+        return (time.perf_counter() - t0) / (3 * n)
 
 
 def main(argv=None) -> int:
