@@ -7,7 +7,9 @@ The source is a run directory (its newest checkpoint under checkpoints/, else un
 config.yaml names), a checkpoint directory, or one committed step_* directory (module
 shardwise.fault_tolerance.weights); the model config is the run's config.yaml. Tensors are read one at a time
 from the checkpoint and, for `hf`, written into safetensors shards as they come (one shard held at a time);
-`torch` writes one `model.pt` (a plain state dict with shardwise names, fp32) and the run's `config.yaml`.
+`torch` writes one `model.pt` (a plain state dict with shardwise names, fp32; one file, so it is built in
+memory) and the run's `config.yaml`. A run trained with a Hugging Face tokenizer.json gets it copied next to
+the weights.
 
 Architectures: dense -> llama, MoE without shared experts -> mixtral, gated shared expert or q/k/v biases ->
 qwen2_moe, latent attention -> deepseek_v2/v3, an ungated shared expert with grouped-query attention (tiny_moe)
@@ -35,7 +37,8 @@ def hf_target(model_cfg) -> str:
     except HFConversionError as e:
         if not granite_refusal(model_cfg):
             return MODEL_TYPE
-        raise HFConversionError(f"{e} (nor does {granite_refusal(model_cfg)})") from None
+        raise HFConversionError(f"{e}; nor granitemoeshared: {granite_refusal(model_cfg)}. `--format torch` "
+                                "exports any model as a state dict") from None
 
 
 def export_hf(weights, model_cfg, out: Path, dtype, max_shard_size: str = "5GB") -> str:
@@ -59,6 +62,23 @@ def export_hf(weights, model_cfg, out: Path, dtype, max_shard_size: str = "5GB")
         raise HFConversionError(f"checkpoint tensors with no {target} equivalent: {unused[:5]}")
     write_hf_dir(stream, model_cfg, out, dtype=dtype, max_shard_size=max_shard_size, hf_cfg=hf_cfg)
     return target
+
+
+def copy_tokenizer(spec: str, out: Path) -> Optional[Path]:
+    """The run's HF tokenizer.json (and its tokenizer_config.json) next to the weights; None for `byte`
+    (the byte tokenizer has no file: shardwise-generate uses it when a directory has no tokenizer.json)."""
+    if not spec or spec.strip() == "byte":
+        return None
+    src = Path(spec).expanduser()
+    src = src / "tokenizer.json" if src.is_dir() else src
+    if not src.is_file():
+        print(f"shardwise-export: warning: the run's data.tokenizer {spec!r} is not a file here; no tokenizer "
+              "copied", file=sys.stderr)
+        return None
+    shutil.copyfile(src, out / "tokenizer.json")
+    if (src.parent / "tokenizer_config.json").is_file():
+        shutil.copyfile(src.parent / "tokenizer_config.json", out / "tokenizer_config.json")
+    return out / "tokenizer.json"
 
 
 def export_torch(weights, config_path: Path, out: Path, dtype) -> Path:
@@ -99,6 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         weights, out = DCPWeights(src.checkpoint), Path(args.out)
         if args.format == "hf":
             target = export_hf(weights, src.config.model, out, dtype, args.max_shard_size)
+            copy_tokenizer(src.config.data.tokenizer, out)
             print(f"shardwise-export: {src.checkpoint} -> {out} (Hugging Face {target}, {args.dtype}); load it with "
                   f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
         else:

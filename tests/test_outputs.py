@@ -179,3 +179,14 @@ def test_missing_or_empty_sources_name_the_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(tmp_path / "empty") in err and "no committed checkpoint" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_copies_the_runs_hf_tokenizer(tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"model": {}}')
+    (tok / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    (tmp_path / "out").mkdir()
+    assert export.copy_tokenizer("byte", tmp_path / "out") is None
+    assert export.copy_tokenizer(str(tok), tmp_path / "out") == tmp_path / "out" / "tokenizer.json"
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"eos_token": "</s>"}'
