@@ -253,7 +253,9 @@ class TrainerConfig:
     init_from: str = ""
     """A local Hugging Face directory (llama, mixtral, qwen2_moe, deepseek_v2/v3; config.json + safetensors)
     whose weights initialise the model instead of the seed; each rank reads only its own slices (shardwise.models.hf_init). The run's
-    model config must match the directory's (the model YAML `scripts/convert_hf.py import` writes). A durable
+    model config must match the directory's (the model YAML `scripts/convert_hf.py import` writes). Or a shardwise
+    durable checkpoint (a step_* directory, a checkpoint_dir or a run directory: its newest checkpoint): its
+    weights only, the optimizer and the step start fresh (shardwise.fault_tolerance.weights). A durable
     checkpoint or snapshot to resume from takes precedence. Empty = initialise from trainer.seed."""
     memory_budget_gib: float = 0.0
     """Memory of one device (GiB) that a rank's model states (parameters, gradients, fp32 masters, AdamW
