@@ -227,6 +227,10 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     eod_mask_loss: bool = False
     """Do not train on predicting the end-of-document token."""
+    verify: bool = False
+    """Check every data file completely before training (index consistency, .bin size, every token id <
+    the tokenizer's vocabulary), naming the file and document of the first problem. Reads all the data once
+    per rank at start-up; for large data run `scripts/preprocess_data.py --verify PREFIX...` once instead."""
 
 
 @dataclass
