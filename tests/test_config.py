@@ -156,3 +156,21 @@ def test_zero_dtypes_follow_trainer_precision():
     assert dtypes_of(resolve_precision(cfg.zero, "bf16")) == (torch.bfloat16, torch.float32)
     cfg = compose_and_validate("trainer.precision=bf16", "zero.param_dtype=fp32")
     assert dtypes_of(resolve_precision(cfg.zero, "bf16")) == (torch.float32, torch.bfloat16)
+
+
+def test_choice_fields_are_enums_that_read_as_strings_and_round_trip(tmp_path):
+    from omegaconf import OmegaConf
+
+    from shardwise.trainer.compose import to_yaml
+    from shardwise.trainer.config import ShardwiseConfig
+
+    cfg, _ = compose_config(["recipe=tiny_moe", "zero=zeropp", "parallel.pp_schedule=gpipe", "trainer.precision=bf16"])
+    z, p, t = cfg.zero, cfg.parallel, cfg.trainer
+    # Code compares, looks up and formats these as the plain strings it always did.
+    assert t.precision == "bf16" and t.precision in ("fp32", "bf16") and {"bf16": 1}[t.precision] == 1
+    assert f"{p.pp_schedule}" == "gpipe" and z.quantize_weights == "int8" and str(z.quantize_gradients) == "int8"
+    # The resolved config.yaml written to run_dir reads back to the same typed config.
+    text = to_yaml(cfg)
+    assert "precision: bf16" in text and "pp_schedule: gpipe" in text
+    back = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ShardwiseConfig), OmegaConf.create(text)))
+    assert back == cfg

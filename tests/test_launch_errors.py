@@ -140,3 +140,27 @@ def test_help_works(cmd):
     p = subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0 and "usage" in p.stdout.lower(), p.stdout + p.stderr
+
+
+def test_full_or_read_only_output_directories_are_refused(tmp_path, monkeypatch):
+    import collections
+    import shutil as _shutil
+
+    from shardwise import preflight
+    from shardwise.errors import DiskError
+    from shardwise.trainer.compose import compose_config
+
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(1 << 30, 1 << 30, 1 << 20))
+    with pytest.raises(DiskError, match=r"run_dir=.*only 0.00 GiB free .* needs at least 0.06 GiB; free space"):
+        preflight.check_writable(tmp_path / "run", "run_dir", preflight.MIN_FREE_RUN_DIR)
+    monkeypatch.setattr(preflight.os, "access", lambda p, mode: False)  # as on a read-only mount
+    with pytest.raises(DiskError, match="is not writable .*read-only file system"):
+        preflight.check_writable(tmp_path / "run", "run_dir", 0)
+    monkeypatch.undo()
+    cfg, _ = compose_config(["recipe=tiny_moe", f"fault_tolerance.checkpoint_dir={tmp_path}/ck",
+                             "fault_tolerance.checkpoint_every=10"])
+    free = _shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(preflight, "CHECKPOINT_BYTES_PER_PARAM", free)  # > free for any model of >= 1 parameter
+    with pytest.raises(DiskError, match="one checkpoint of this model takes about"):
+        preflight.check_checkpoint_space(cfg)

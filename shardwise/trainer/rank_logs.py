@@ -37,9 +37,15 @@ def start(run_dir: Optional[Path], rank: int) -> Optional[Path]:
     """Open `<run_dir>/logs/rank<R>.log` (append: a restarted worker continues it); None without run_dir
     or when it cannot be created (the failure is then reported on the console)."""
     global _path, _handler
-    if _path is not None or run_dir is None:
+    if run_dir is None:
         return _path
     path = run_dir / "logs" / f"rank{rank}.log"
+    if path == _path:
+        return _path  # main() opened it from the run_dir override already
+    if _handler is not None:  # another run in this process: move to its directory
+        logging.getLogger().removeHandler(_handler)
+        _handler.close()
+        _handler = _path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _handler = logging.FileHandler(path, encoding="utf-8")
