@@ -164,3 +164,22 @@ def test_full_or_read_only_output_directories_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(preflight, "CHECKPOINT_BYTES_PER_PARAM", free)  # > free for any model of >= 1 parameter
     with pytest.raises(DiskError, match="one checkpoint of this model takes about"):
         preflight.check_checkpoint_space(cfg)
+
+
+def test_known_error_families():
+    import errno
+
+    from shardwise.errors import as_known
+    from shardwise.fault_tolerance.checkpoint import CheckpointError
+    from shardwise.offload.config import OffloadConfigError
+    from shardwise.trainer.data import DataError
+    from shardwise.trainer.validate import ConfigError
+
+    for exc, kind in ((ConfigError("c"), "config"), (DataError("d"), "data"), (CheckpointError("k"), "checkpoint"),
+                      (OffloadConfigError("o"), "config")):
+        assert as_known(exc) is exc and exc.kind == kind
+    full = as_known(OSError(errno.ENOSPC, "No space left on device", "/r/metrics.jsonl"))
+    assert full.kind == "disk" and "cannot write /r/metrics.jsonl: No space left on device" in str(full)
+    missing = as_known(ModuleNotFoundError("No module named 'wandb'", name="wandb"))
+    assert missing.kind == "library" and "pip install 'shardwise[wandb]'" in str(missing)
+    assert as_known(RuntimeError("a bug")) is None and as_known(OSError(errno.EIO, "I/O error")) is None
