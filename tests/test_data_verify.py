@@ -53,10 +53,12 @@ def test_garbage_in_the_middle_names_file_and_document(tmp_path):
     with pytest.raises(DataError, match=r"document 1 \(sequence 1"):
         build_datasets(cfg, seed=1, train_samples=4, eval_samples=0, vocab_size=320)
     # The command line: exit code 2 and the message; a sound prefix passes with 0.
-    good = make_corpus(tmp_path, "good")
+    (tmp_path / "small.txt").write_text("a small sound corpus " * 50)
+    good = str(tmp_path / "good")
+    preprocess([str(tmp_path / "small.txt")], good, "byte")
     p = subprocess.run([sys.executable, str(REPO / "scripts/preprocess_data.py"), "--verify", good, prefix],
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and f"ok {good}: 3 documents" in p.stdout and "document 1 (sequence 1" in p.stderr
+    assert p.returncode == 2 and f"ok {good}: 1 documents" in p.stdout and "document 1 (sequence 1" in p.stderr
 
 
 def test_corrupt_index_arrays_name_the_document(tmp_path):
