@@ -183,3 +183,11 @@ def test_known_error_families():
     missing = as_known(ModuleNotFoundError("No module named 'wandb'", name="wandb"))
     assert missing.kind == "library" and "pip install 'shardwise[wandb]'" in str(missing)
     assert as_known(RuntimeError("a bug")) is None and as_known(OSError(errno.EIO, "I/O error")) is None
+
+
+def test_launch_sh_refuses_a_typo_with_one_message(tmp_path):
+    env = {**os.environ, "NPROC_PER_NODE": "2", "RUN_DIR": str(tmp_path / "run"), "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.run(["bash", str(REPO / "scripts/launch.sh"), "recipe=tiny_dense", "+trainer.max_stpes=5"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Did you mean trainer.max_steps?" in p.stderr and "Traceback" not in p.stderr
