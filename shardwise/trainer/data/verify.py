@@ -52,8 +52,9 @@ def verify_prefix(prefix: str, vocab_size: Optional[int] = None) -> dict:
         s = int(bad[0])
         raise DataError(f"{idx}: document {_document_of(doc_idx, s)} (sequence {s}) has a negative length "
                         f"{int(lengths[s])}; the index is corrupt, {_FIX}")
-    if docs < 1 or doc_idx[0] != 0 or doc_idx[-1] != count or numpy.any(numpy.diff(doc_idx) < 0):
-        where = int(numpy.flatnonzero(numpy.diff(doc_idx) < 0)[0]) + 1 if docs > 1 and numpy.any(numpy.diff(doc_idx) < 0) else 0
+    falling = numpy.flatnonzero(numpy.diff(doc_idx) < 0)
+    if docs < 1 or doc_idx[0] != 0 or doc_idx[-1] != count or falling.size:
+        where = int(falling[0]) + 1 if falling.size else (0 if docs < 1 or doc_idx[0] != 0 else docs - 1)
         raise DataError(f"{idx}: the document boundaries are inconsistent (they must rise from 0 to the sequence "
                         f"count {count}; first bad entry: document {where}); the index is corrupt, {_FIX}")
     expected = numpy.zeros(count, dtype=numpy.int64)
