@@ -2,7 +2,6 @@
 plus the peak-FLOP/s lookup that MFU is measured against, and memory readings."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
@@ -14,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from .config import LoggingConfig
+from .jsonl import JsonlWriter
 
 log = logging.getLogger("shardwise")
 
@@ -70,7 +70,7 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._file = JsonlWriter(run_dir / "metrics.jsonl")  # whole lines; a full disk warns, training goes on
         if cfg.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
@@ -89,7 +89,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **metrics}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(record)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
         if self.cfg.console:
