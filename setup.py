@@ -40,6 +40,8 @@ setup(
         "console_scripts": [
             "shardwise-launch=shardwise.launch:main",
             "shardwise-validate=shardwise.validate:main",
+            "shardwise-export=shardwise.export:main",
+            "shardwise-generate=shardwise.generate:main",
         ]
     },
 )

@@ -43,9 +43,14 @@ fi
 # Fault tolerance (fault_tolerance.snapshot_every > 0): snapshot managers must run before the trainers. One
 # node: shardwise-launch starts one per emulated node and stops them at the end. Several nodes: start them
 # yourself (as scripts/slurm/train.sbatch does) and export SHARDWISE_FT_SMPS / SHARDWISE_FT_SECRET.
+# Composing here also refuses a bad config (typo, wrong type or choice) in a second, with one message.
 FT_EVERY=$("$PYTHON" -c 'import sys
+from shardwise.errors import ShardwiseError
 from shardwise.trainer.compose import compose_config
-print(compose_config(sys.argv[1:])[0].fault_tolerance.snapshot_every)' "$@")
+try:
+    print(compose_config(sys.argv[1:])[0].fault_tolerance.snapshot_every)
+except ShardwiseError as e:
+    sys.exit(f"shardwise: {e}")' "$@") || exit 2
 if [[ "$FT_EVERY" -gt 0 && -z "${SHARDWISE_FT_SMPS:-}" ]]; then
   if [[ "$NNODES" != 1 ]]; then
     echo "launch.sh: fault_tolerance snapshots on $NNODES nodes: start one snapshot manager per node first and" \

@@ -13,9 +13,14 @@ restarts (`--max-restarts R`: the restarted workers recover from them) and are s
 when torchrun returns or raises. Multi-node jobs start the SMPs outside (scripts/slurm/train.sbatch) and
 export SHARDWISE_FT_SMPS/SHARDWISE_FT_SECRET; the launcher then starts none.
 
+Before torchrun starts, the launcher composes and validates the config and checks the data files, the device
+and the output directories (shardwise.preflight); torch is imported only after the torch-free checks, so a
+typo or a missing file is reported in about a second. A failed job ends with one message (exit code 2 for a
+known error; shardwise.launch_failures), the ranks' full tracebacks are in <run_dir>/logs/rank<R>.log.
+
 Hang detection (`trainer.hang_timeout_s > 0`): a watchdog thread beside torchrun reads the ranks' heartbeat
-files; on a hang it dumps every rank's stacks, kills the workers and the launcher exits 3 with the message
-(shardwise.fault_tolerance.watchdog).
+files; on a hang it dumps every rank's stacks, kills the workers, and the job ends with its message (through
+the same one-message path) and exit code 3 (shardwise.fault_tolerance.watchdog).
 """
 from __future__ import annotations
 
@@ -46,8 +51,29 @@ def _has(flags: list[str], *names: str) -> bool:
     return any(f.split("=", 1)[0] in names for f in flags)
 
 
+USAGE = """usage: shardwise-launch [torchrun flags] recipe=NAME [group.key=value ...]
+
+Train with torchrun. Arguments starting with `-` go to torchrun (e.g. --nproc-per-node 4, --nnodes 2
+--rdzv-endpoint host:29500, --max-restarts 1); key=value arguments are config overrides
+(e.g. trainer.max_steps=50 data.paths=[data/corpus] run_dir=runs/x).
+Without --nproc-per-node: one process per visible GPU, else 2 CPU processes; without
+--nnodes/--rdzv-endpoint: --standalone. Outputs go to run_dir (default runs/<recipe>/<time>);
+rank logs to <run_dir>/logs/. Recipes: recipes/recipe/*.yaml; check a layout with shardwise-validate.
+Exit codes: 0 done, 2 a bad input (one message naming the field or file and the fix), 1 a failure.
+"""
+
+
+def with_run_dir(overrides: list[str]) -> list[str]:
+    """`overrides` with a `run_dir=` (fixed here, once, for every rank and restarted worker)."""
+    if any(o.split("=", 1)[0].lstrip("+") == "run_dir" for o in overrides):
+        return overrides
+    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "run")
+    return [*overrides, f"run_dir=runs/{recipe}/{time.strftime('%Y%m%d-%H%M%S')}"]
+
+
 def build_torchrun_args(argv: Sequence[str]) -> list[str]:
     torchrun, overrides = split_args(argv)
+    overrides = with_run_dir(overrides)
     if not _has(torchrun, "--nproc-per-node", "--nproc_per_node"):
         import torch
 
@@ -56,9 +82,6 @@ def build_torchrun_args(argv: Sequence[str]) -> list[str]:
     multinode = _has(torchrun, "--nnodes", "--rdzv-endpoint", "--rdzv_endpoint", "--master-addr", "--master_addr")
     if not multinode and "--standalone" not in torchrun:
         torchrun.append("--standalone")
-    if not any(o.split("=", 1)[0] == "run_dir" for o in overrides):
-        recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "run")
-        overrides.append(f"run_dir=runs/{recipe}/{time.strftime('%Y%m%d-%H%M%S')}")
     return [*torchrun, "-m", "shardwise.train", *overrides]
 
 
@@ -79,25 +102,27 @@ def world_size(torchrun_args: list[str]) -> Optional[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from torch.distributed.run import main as torchrun_main
-
+    from .errors import ShardwiseError, clear_reports
+    from .preflight import check_inputs
     from .trainer.compose import compose_config
-    from .parallel.share import check_memory_budget
-    from .trainer.validate import ConfigError, validate_config
 
-    args = build_torchrun_args(sys.argv[1:] if argv is None else argv)
-    split = args.index("-m")
-    print("shardwise-launch: torchrun " + " ".join(args), flush=True)
-    # Fail on a bad config here, once, instead of in N workers.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE, end="")
+        sys.exit(0)
+    # Fail on bad input here, once, instead of in N workers: torch-free checks first (seconds).
     try:
-        cfg, _ = compose_config(args[split + 2:])
-        world = world_size(args[:split])
-        if world is not None:
-            validate_config(cfg, world)
-            check_memory_budget(cfg, world)  # trainer.memory_budget_gib: the meta-device share of each stage
-    except ConfigError as e:
+        overrides = with_run_dir(split_args(argv)[1])
+        cfg, _ = compose_config(overrides)
+        run_dir = cfg.run_dir
+        check_inputs(cfg, run_dir)
+        args, cfg = _checked_with_torch(argv[:], overrides, cfg)
+    except ShardwiseError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         sys.exit(2)
+    split = args.index("-m")
+    world = world_size(args[:split])
+    print("shardwise-launch: torchrun " + " ".join(args), flush=True)
     restarts = _flag_value(args[:split], "--max-restarts", "--max_restarts") or "0"
     if restarts != "0" and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ:
         # Restarted workers must not share torchrun's rendezvous store: they would read the previous
@@ -105,13 +130,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         print("shardwise-launch: --max-restarts: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (workers get their own store)",
               flush=True)
+    from pathlib import Path
+
+    from .launch_failures import run_torchrun
+    from .trainer.rank_logs import LAUNCHER_ENV
+
+    log_dir = Path(run_dir) / "logs"
+    clear_reports(log_dir)  # an earlier launch into this run_dir (resume) must not speak for this one
+    os.environ[LAUNCHER_ENV] = "1"
     smps = start_snapshot_managers(cfg, args[:split], world)
     watchdog = start_hang_watchdog(cfg, world)
     try:
-        torchrun_main(args)
-    except BaseException:
-        if watchdog is None or watchdog.verdict is None:
-            raise
+        code = run_torchrun(args, log_dir)
     finally:
         if watchdog is not None:
             watchdog.stop()
@@ -119,9 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             smps.stop()
     if watchdog is not None and watchdog.verdict is not None:  # it killed the hung job's workers
         from .fault_tolerance.watchdog import HANG_EXIT_CODE
-        print(f"shardwise: job ended by the hang watchdog (details above and in {cfg.run_dir}/hang.txt)",
-              file=sys.stderr, flush=True)
         sys.exit(HANG_EXIT_CODE)
+    sys.exit(code)
 
 
 def start_hang_watchdog(cfg, world: Optional[int]):
@@ -134,6 +163,24 @@ def start_hang_watchdog(cfg, world: Optional[int]):
     if world is None:  # elastic world size: the heartbeat files say who is there
         world = 0
     return HangWatchdog.start(Path(cfg.run_dir), world, cfg.trainer.hang_timeout_s)
+
+
+def _checked_with_torch(argv: list[str], overrides: list[str], cfg):
+    """(torchrun args, cfg) after the checks that need torch: the default process count, the cross-field
+    validation for the world size, the memory budget, the device and the checkpoint space."""
+    from .parallel.share import check_memory_budget
+    from .preflight import check_checkpoint_space, check_device
+    from .trainer.validate import validate_config
+
+    torchrun, _ = split_args(argv)
+    args = build_torchrun_args([*torchrun, *overrides])
+    world = world_size(args[:args.index("-m")])
+    if world is not None:
+        validate_config(cfg, world)
+        check_memory_budget(cfg, world)  # trainer.memory_budget_gib: the meta-device share of each stage
+    check_device(cfg)
+    check_checkpoint_space(cfg)
+    return args, cfg
 
 
 def start_snapshot_managers(cfg, torchrun_args: list[str], world: Optional[int]):

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .offload.config import OffloadConfigError
 from .trainer.compose import compose_config, to_yaml
 from .trainer.distributed import init_distributed, shutdown, world_from_env
 from .parallel.share import check_memory_budget
-from .trainer.validate import ConfigError, validate_config
+from .trainer import rank_logs
+from .trainer.validate import validate_config
 
 log = logging.getLogger("shardwise")
 
@@ -38,6 +38,7 @@ def setup_logging(rank: int) -> None:
                         stream=sys.stdout, force=True)
     for noisy in ("megatron", "megatron.core"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    rank_logs.attach()  # basicConfig(force=True) dropped the file handler of <run_dir>/logs/rank<R>.log
 
 
 def run(overrides: Sequence[str]) -> list[dict]:
@@ -52,6 +53,7 @@ def run(overrides: Sequence[str]) -> list[dict]:
     from .trainer.trainer import Trainer  # heavy imports (megatron datasets) after validation
 
     run_dir = resolve_run_dir(cfg.run_dir, recipe)
+    rank_logs.start(run_dir, env.rank)  # no-op when main() already opened it from the run_dir override
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -78,14 +80,14 @@ def run(overrides: Sequence[str]) -> list[dict]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     code = 0
+    rank = world_from_env()[0]
+    rank_logs.start(rank_logs.run_dir_from_overrides(argv), rank)
     try:
         run(argv)
-    except (ConfigError, OffloadConfigError) as e:
-        print(f"shardwise: {e}", file=sys.stderr)
-        code = 2
-    except Exception:
-        logging.getLogger("shardwise").exception("training failed")
-        code = 1
+    except Exception as e:
+        # A known error (ShardwiseError, a full disk, a missing package): one message, exit code 2; anything
+        # else exit code 1. The traceback goes to <run_dir>/logs/rank<R>.log (shardwise.trainer.rank_logs).
+        code = rank_logs.report_failure(e, rank)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

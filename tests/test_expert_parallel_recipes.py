@@ -38,7 +38,6 @@ def test_v2_lite_and_qwen_moe_shapes(recipe, total, active):
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    (["model.moe.router_score=relu"], 2, "model.moe.router_score='relu': use 'softmax'"),
     (["model.moe.bias_update_rate=-0.1"], 2, "model.moe.bias_update_rate=-0.1: must be >= 0"),
     (["parallel.ep=4"], 4, None),
     # Eval micro-batches are padded with masked ones so every ep rank runs the same count: any eval_iters.

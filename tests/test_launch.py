@@ -30,7 +30,7 @@ def test_launch_sh_standalone(tmp_path):
     env = {**os.environ, "NPROC_PER_NODE": "2", "RUN_DIR": str(tmp_path / "run")}
     env.pop("WORLD_SIZE", None)
     _run(["bash", str(ROOT / "scripts/launch.sh"), *_overrides(tmp_path / "cache")], tmp_path, env)
-    assert _steps(tmp_path / "run") == [2, 4]
+    assert _steps(tmp_path / "run") == [1, 2, 4]  # step 1 is always logged
 
 
 def test_slurm_template_with_stand_in_srun(tmp_path):
@@ -40,5 +40,5 @@ def test_slurm_template_with_stand_in_srun(tmp_path):
     _run(["bash", str(ROOT / "scripts/slurm/train.sbatch"), *_overrides(tmp_path / "cache"),
           "model.name=with space"], tmp_path, env)
     run_dir = tmp_path / "runs/tiny_dense/slurm-4242"
-    assert _steps(run_dir) == [2, 4]
+    assert _steps(run_dir) == [1, 2, 4]
     assert "name: with space" in (run_dir / "config.yaml").read_text()  # overrides survive quoting

@@ -15,7 +15,22 @@ def test_jsonl_and_console_line(tmp_path, caplog):
     m.close()
     assert json.loads((tmp_path / "run/metrics.jsonl").read_text()) == {
         "step": 1, "loss": 2.5, "tokens_per_s": 1234.5, "step_time_s": 0.5, "mfu": 0.125}
-    assert "step 1 | loss 2.5000 | 1,234 tok/s | 0.500 s/step | mfu 12.50%" in caplog.text
+    # step/total, and the time left (from the step's own time until a second step is logged)
+    assert "step 1/2 | loss 2.5000 | 1,234 tok/s | 0.500 s/step | mfu 12.50% | eta 0s" in caplog.text
+
+
+def test_console_line_eta_from_the_rate_since_the_first_logged_step(tmp_path, caplog, monkeypatch):
+    caplog.set_level("INFO", logger="shardwise")
+    clock = iter([100.0, 110.0, 130.0])
+    monkeypatch.setattr("shardwise.trainer.metrics.time.perf_counter", lambda: next(clock))
+    m = MetricsLogger(LoggingConfig(), tmp_path / "run", enabled=True, max_steps=100)
+    m.log(1, {"loss": 3.0, "step_time_s": 50.0})   # warm-up step: 99 * 50 s
+    m.log(11, {"loss": 2.0, "step_time_s": 1.0})   # 10 steps in 10 s since step 1: 89 s left
+    m.log(31, {"loss": 1.0, "step_time_s": 1.0})   # 30 steps in 30 s: 69 s left
+    m.close()
+    assert "step 1/100 | loss 3.0000 | 50.000 s/step | eta 1h22m" in caplog.text
+    assert "step 11/100 | loss 2.0000 | 1.000 s/step | eta 1m29s" in caplog.text
+    assert "step 31/100 | loss 1.0000 | 1.000 s/step | eta 1m09s" in caplog.text
 
 
 def test_disabled_logger_on_other_ranks_writes_nothing(tmp_path):

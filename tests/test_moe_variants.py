@@ -171,13 +171,11 @@ def test_parameter_counts_of_new_recipes(recipe):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["model.attention=gqa"], "model.attention='gqa': use mha"),
     (["model.mla.rope_head_dim=7"], "model.mla.rope_head_dim=7 is odd"),
     (["model.num_kv_heads=2"], "model.num_kv_heads=2 applies to model.attention=mha only"),
     (["model.moe.route_groups=3"], "model.moe.route_groups=3 must be >= 1 and divide model.moe.num_experts=16"),
     (["model.moe.route_groups_per_token=5"], r"route_groups_per_token=5: must be in \[1, model.moe.route_groups=4\]"),
     (["model.moe.route_groups_per_token=1", "model.moe.top_k=6"], "hold fewer than model.moe.top_k=6"),
-    (["model.moe.route_group_score=mean"], "model.moe.route_group_score='mean'"),
     (["model.moe.routed_scaling_factor=0"], "model.moe.routed_scaling_factor=0.0: must be > 0"),
     (["model.mtp_depth=1", "parallel.pp=2"], "model.mtp_depth=1 is not supported with parallel.pp=2"),
     (["model.moe.shared_experts=0", "model.moe.shared_expert_gate=true"], "shared_expert_gate=true but there is no"),

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from ..errors import ShardwiseError
 from ..comm import collectives as C
 from ..parallel.zero.state import FORMAT as ZERO_FORMAT, sharded_state_dict
 from .snapshot import capture_rng_state, restore_rng_state
@@ -58,8 +59,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TRAIN_KEYS = ("train.step", "train.consumed_samples", "train.lr_scheduler", "train.param_groups", "train.layout")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ShardwiseError, RuntimeError):
     """A checkpoint that cannot be used; the message names the directory/key and the fix."""
+
+    kind = "checkpoint"
 
 
 def step_dir(directory: Union[str, Path], step: int) -> Path:

@@ -8,7 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..choices import choice
 from .recovery import GroupingError, ec_groups
+
+KillTarget = choice("KillTarget", ["trainer", "smp"], __name__)
 
 
 @dataclass
@@ -21,7 +24,7 @@ class FaultInjectConfig:
     """Node index whose every trainer (target=trainer) or whose snapshot manager (target=smp) is killed."""
     kill_step: Optional[int] = None
     """Step after whose snapshot commit the kill happens (SIGKILL, no cleanup). Required if a kill is set."""
-    target: str = "trainer"
+    target: KillTarget = KillTarget.trainer
     """What is killed: `trainer` (the training process(es); the node's SMP survives) or `smp` (the node's
     snapshot manager, losing its snapshots: they are rebuilt from parity)."""
     slow_rank: Optional[int] = None

@@ -14,8 +14,9 @@ rank is still running (closed ranks left the loop), the job is hung. Then the wa
    frozen (the heartbeat thread needs the GIL);
 2. asks every running rank of this host for its Python stacks (SIGUSR1: faulthandler into
    <run_dir>/stacks/rank<r>.txt), waits `stack_wait_s`;
-3. writes the message to <run_dir>/hang.txt and stderr, SIGKILLs every rank of this host, and the launcher
-   exits non-zero after torchrun returns (the snapshot managers are stopped on the way out as usual).
+3. writes the message to <run_dir>/hang.txt and as the job's error report (<run_dir>/logs/error.rank<r>.json,
+   printed once by the launcher, shardwise.launch_failures), SIGKILLs every rank of this host, and the
+   launcher exits with code 3 after torchrun returns (the snapshot managers are stopped on the way out).
 
 Multi-node jobs: a launcher per node watches the shared run_dir and kills the ranks of its own host only.
 """
@@ -25,13 +26,20 @@ import json
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Optional
 
+from ..errors import ShardwiseError, write_report
+
 HANG_EXIT_CODE = 3
+
+
+class HangError(ShardwiseError):
+    """The watchdog's verdict, reported as the job's one message."""
+
+    kind = "hang"
 
 
 def read_heartbeats(run_dir: Path, since: float = 0.0) -> dict[int, dict]:
@@ -150,7 +158,8 @@ class HangWatchdog:
             (self.run_dir / "hang.txt").write_text(self.verdict + "\n")
         except OSError:
             pass
-        print(f"shardwise: {self.verdict}", file=sys.stderr, flush=True)
+        # The launcher's one message for a failed job (shardwise.launch_failures) prints it, once.
+        write_report(self.run_dir / "logs", min(hbs, default=0), HangError(self.verdict), None)
         for h in local:
             _signal(h["pid"], signal.SIGKILL)
 

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from ..errors import ShardwiseError
 from ..trainer.config import MLAConfig, ModelConfig, MoEConfig
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,11 @@ V3_BIAS_UPDATE_RATE = 0.001
 router's bias buffer, which holds the checkpoint's e_score_correction_bias."""
 
 
-class HFConversionError(ValueError):
+class HFConversionError(ShardwiseError, ValueError):
     """A Hugging Face config or checkpoint that cannot be converted exactly; the message names the
     config.json field or the tensor key and file."""
+
+    kind = "config"
 
 
 def read_hf_config(path: Union[str, Path]) -> dict[str, Any]:

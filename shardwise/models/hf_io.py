@@ -97,10 +97,12 @@ def _parse_size(size: Union[int, str]) -> int:
 
 
 def write_hf_dir(stream: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, path: Union[str, Path], *,
-                 dtype: torch.dtype = torch.float32, max_shard_size: Union[int, str] = "5GB", write: bool = True) -> Path:
+                 dtype: torch.dtype = torch.float32, max_shard_size: Union[int, str] = "5GB", write: bool = True,
+                 hf_cfg=None) -> Path:
     """Write an HF directory from (key, tensor) pairs as they come: each safetensors shard is written as soon
     as the next tensor would take it past max_shard_size, so at most one shard (+ one tensor) is held. With
-    write=False the stream is only consumed (ranks that take part in its gathers without writing)."""
+    write=False the stream is only consumed (ranks that take part in its gathers without writing). hf_cfg:
+    the transformers config object to save (default: the one of hf_config_object(cfg))."""
     if not write:
         for _ in stream:
             pass
@@ -108,7 +110,7 @@ def write_hf_dir(stream: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, p
     st, _ = _safetensors()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    hf_cfg = hf_config_object(cfg)  # first: fails before writing anything if transformers is missing
+    hf_cfg = hf_cfg or hf_config_object(cfg)  # first: fails before writing anything if transformers is missing
     for stale in [INDEX, SINGLE, *(p.name for p in path.glob("model-*.safetensors"))]:
         (path / stale).unlink(missing_ok=True)
     meta = {"format": "pt"}  # transformers checks this metadata entry

@@ -4,24 +4,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..errors import ShardwiseError
+from ..choices import choice
+
 TIERS = ("none", "cpu", "nvme")
+# Fixed choices (str-valued Enums: Hydra refuses other values at compose time; shardwise.choices).
+Tier = choice("Tier", list(TIERS), __name__)
+AioBackend = choice("AioBackend", ["auto", "deepspeed", "threads"], __name__)
+CpuAdam = choice("CpuAdam", ["auto", "torch", "deepspeed"], __name__)
 
 
-class OffloadConfigError(ValueError):
+class OffloadConfigError(ShardwiseError, ValueError):
     """The offload settings cannot work on this machine (e.g. offload.nvme_path lacks the space): reported as a
     config error (one line, exit code 2), before any training state exists."""
+
+    kind = "config"
 
 
 @dataclass
 class OffloadConfig:
     """Where the ZeRO engine keeps each kind of state between its uses (docs/offload.md)."""
 
-    optimizer: str = "none"
+    optimizer: Tier = Tier.none
     """`none`: fp32 master weights and AdamW moments on the training device (today's engine). `cpu`: in host
     memory (pinned on GPUs), the AdamW step runs on the CPU. `nvme`: in files under `nvme_path`, swapped in
     per sub-group during the step (read the next, step the current, write the previous); at ZeRO stages 2-3
     the reduced gradient shards go to NVMe too, as each unit's reduction finishes."""
-    params: str = "none"
+    params: Tier = Tier.none
     """ZeRO stage 3 only. `none`: the parameter shards on the device. `cpu`: in host memory, copied to the
     device before each gather. `nvme`: read from NVMe ahead of the unit that needs them (the engine's
     prefetch order), so the parameters of a unit exist in memory only around its gather; needs
@@ -44,10 +53,10 @@ class OffloadConfig:
     """Bytes per I/O request of the asynchronous I/O engine."""
     queue_depth: int = 8
     """I/O requests in flight per engine."""
-    aio_backend: str = "auto"
+    aio_backend: AioBackend = AioBackend.auto
     """`auto` (DeepSpeed's libaio op where it loads, else a thread pool of O_DIRECT pread/pwrite),
     `deepspeed` or `threads`."""
-    cpu_adam: str = "auto"
+    cpu_adam: CpuAdam = CpuAdam.auto
     """The CPU AdamW kernel: `torch` (torch's fused AdamW on CPU tensors; bit-identical to the engine without
     offload), `deepspeed` (DeepSpeed's CPU Adam; equal to fp32 rounding) or `auto` (= torch: as fast here, and
     exact; DeepSpeed's is taken only when asked for)."""

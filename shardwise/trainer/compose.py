@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import ShardwiseConfig, register_schemas
-from .validate import ConfigError
+from .schema_check import check_override_keys, explain_validation_error
+from ..errors import ConfigError
 
 
 def recipes_dir() -> Path:
@@ -43,12 +44,16 @@ def compose_dictconfig(overrides: Sequence[str]) -> DictConfig:
     overrides = list(overrides)
     if not any(o.split("=", 1)[0].lstrip("+~") == "recipe" for o in overrides):
         raise ConfigError(f"no recipe given: add recipe=NAME, one of {available_recipes()}")
+    groups = [p.name for p in recipes_dir().iterdir() if p.is_dir()]
+    problems = check_override_keys(overrides, groups)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
             return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        msg = str(e).strip()
+        msg = explain_validation_error(e) or str(e).strip()
         if "recipe" in msg and "Could not find" in msg:
             msg = f"{msg}\nfix: use recipe=NAME with NAME one of {available_recipes()}"
         raise ConfigError(f"invalid configuration: {msg}") from None
@@ -63,7 +68,7 @@ def compose_config(overrides: Sequence[str]) -> tuple[ShardwiseConfig, str]:
     try:
         cfg = OmegaConf.to_object(dcfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid configuration: {e}") from None
+        raise ConfigError(f"invalid configuration: {explain_validation_error(e) or e}") from None
     assert isinstance(cfg, ShardwiseConfig)
     return cfg, recipe
 

@@ -17,6 +17,7 @@ from ..fault_tolerance.config import FaultToleranceConfig
 from ..offload.config import OffloadConfig
 from ..parallel.co2.config import CO2Config
 from ..parallel.zero.config import ZeroConfig
+from .choices import Attention, Backend, Device, PPPartition, PPSchedule, Precision, RouteGroupScore, RouterScore
 
 
 @dataclass
@@ -40,7 +41,7 @@ class MoEConfig:
     """Per-expert capacity = ceil(capacity_factor * tokens * top_k / num_experts); assignments over
     capacity are dropped (lowest router probability first) and the token keeps only its residual.
     null = dropless (every assignment is computed)."""
-    router_score: str = "softmax"
+    router_score: RouterScore = RouterScore.softmax
     """Router scoring function: `softmax` over all experts, then top-k (Mixtral), or `sigmoid` per expert,
     top-k, selected scores renormalised (DeepSeek-V3; the aux loss uses the scores normalised over experts)."""
     bias_update_rate: float = 0.0
@@ -57,7 +58,7 @@ class MoEConfig:
     route_groups_per_token: Optional[int] = None
     """A token's experts come from at most this many groups (DeepSeek-V3 topk_group), those with the
     highest group scores; null = route_groups (plain top-k)."""
-    route_group_score: str = "top2"
+    route_group_score: RouteGroupScore = RouteGroupScore.top2
     """Score of a group for node-limited routing: `top2` = sum of its two highest selection scores
     (DeepSeek-V3; bias included), `max` = its highest score (DeepSeek-V2 group_limited_greedy)."""
     seq_aux_loss_coef: float = 0.0
@@ -121,7 +122,7 @@ class ModelConfig:
     """Std of the normal init of weights; output projections are scaled by 1/sqrt(2*num_layers)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts settings."""
-    attention: str = "mha"
+    attention: Attention = Attention.mha
     """`mha`: grouped-query attention of head_dim = hidden_size / num_heads; `mla`: DeepSeek multi-head
     latent attention (model.mla; num_kv_heads and qkv_bias do not apply)."""
     mla: MLAConfig = field(default_factory=MLAConfig)
@@ -162,15 +163,15 @@ class ParallelConfig:
     """Split norm/dropout activations along the sequence between TP regions (needs tp > 1)."""
     microbatches: Optional[int] = None
     """Pipeline micro-batches per step; null = gradient-accumulation steps. Used with pp > 1."""
-    pp_schedule: str = "1f1b"
+    pp_schedule: PPSchedule = PPSchedule["1f1b"]
     """Pipeline schedule (torch.distributed.pipelining): gpipe, 1f1b, interleaved_1f1b (needs
     pp_virtual_stages >= 2), interleaved_zero_bubble, zbv_zero_bubble (pp_virtual_stages = 2). Used with pp > 1."""
     pp_virtual_stages: int = 1
     """Stages per pipeline rank (model chunks); > 1 only with the interleaved / zero-bubble schedules."""
-    pp_partition: str = "uniform"
+    pp_partition: PPPartition = PPPartition.uniform
     """How layers are split into stages: uniform (equal layer counts) or balanced (minimise the slowest
     stage's cost: training FLOPs + parameters per layer, embedding and head counted)."""
-    backend: str = "auto"
+    backend: Backend = Backend.auto
     """Process-group backend: auto (nccl on CUDA/ROCm devices, gloo on CPU), nccl or gloo."""
     timeout_s: float = 600.0
     """Collective timeout; a rank waiting longer fails with an error instead of hanging."""
@@ -226,6 +227,10 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     eod_mask_loss: bool = False
     """Do not train on predicting the end-of-document token."""
+    verify: bool = False
+    """Check every data file completely before training (index consistency, .bin size, every token id <
+    the tokenizer's vocabulary), naming the file and document of the first problem. Reads all the data once
+    per rank at start-up; for large data run `scripts/preprocess_data.py --verify PREFIX...` once instead."""
 
 
 @dataclass
@@ -242,18 +247,20 @@ class TrainerConfig:
     """Evaluate on the validation split every N steps; 0 = never."""
     eval_iters: int = 4
     """Micro-batches per evaluation, over all data-parallel ranks (a fixed set: same loss at any dp size)."""
-    precision: str = "fp32"
+    precision: Precision = Precision.fp32
     """`fp32` or `bf16`. bf16: compute in bf16 under autocast; the ZeRO engine's compute parameters, gathers and
     gradient reductions follow it (zero.param_dtype / zero.reduce_dtype `auto`); master weights, gradient
     accumulators and optimizer states stay fp32."""
-    device: str = "auto"
+    device: Device = Device.auto
     """`auto` (cuda when available, else cpu), `cpu` or `cuda`."""
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device for MFU; null = a table of known GPUs, or a matmul probe on CPU."""
     init_from: str = ""
     """A local Hugging Face directory (llama, mixtral, qwen2_moe, deepseek_v2/v3; config.json + safetensors)
     whose weights initialise the model instead of the seed; each rank reads only its own slices (shardwise.models.hf_init). The run's
-    model config must match the directory's (the model YAML `scripts/convert_hf.py import` writes). A durable
+    model config must match the directory's (the model YAML `scripts/convert_hf.py import` writes). Or a shardwise
+    durable checkpoint (a step_* directory, a checkpoint_dir or a run directory: its newest checkpoint): its
+    weights only, the optimizer and the step start fresh (shardwise.fault_tolerance.weights). A durable
     checkpoint or snapshot to resume from takes precedence. Empty = initialise from trainer.seed."""
     memory_budget_gib: float = 0.0
     """Memory of one device (GiB) that a rank's model states (parameters, gradients, fp32 masters, AdamW

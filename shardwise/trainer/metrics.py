@@ -2,7 +2,6 @@
 plus the peak-FLOP/s lookup that MFU is measured against, and memory readings."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
@@ -14,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from .config import LoggingConfig
+from .jsonl import JsonlWriter
 
 log = logging.getLogger("shardwise")
 
@@ -62,14 +62,15 @@ class MetricsLogger:
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path, enabled: bool, max_steps: int,
                  full_config: Optional[dict] = None, run_name: str = "shardwise"):
-        self.cfg, self.enabled = cfg, enabled
+        self.cfg, self.enabled, self.max_steps = cfg, enabled, max_steps
+        self._eta = EtaClock()
         self._file = None
         self._bar = None
         self._wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._file = JsonlWriter(run_dir / "metrics.jsonl")  # whole lines; a full disk warns, training goes on
         if cfg.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
@@ -88,11 +89,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **metrics}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(record)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
         if self.cfg.console:
-            line = format_line(record)
+            line = format_line(record, self.max_steps, self._eta.eta_s(step, self.max_steps,
+                                                                      metrics.get("step_time_s")))
             if self._bar is not None:
                 self._bar.write(line)
             else:
@@ -118,7 +120,27 @@ _FORMATS = [
 ]
 
 
-def format_line(record: dict[str, Any]) -> str:
-    parts = [f"step {record['step']}"]
+class EtaClock:
+    """Time left from the wall-clock rate since the first logged step (which carries the warm-up, so it
+    is excluded); before a second logged step, from that step's own time."""
+
+    def __init__(self):
+        self._first: Optional[tuple[int, float]] = None
+
+    def eta_s(self, step: int, max_steps: int, step_time_s: Optional[float]) -> Optional[float]:
+        now = time.perf_counter()
+        if self._first is None or step <= self._first[0]:
+            self._first = (step, now)
+            return step_time_s * (max_steps - step) if step_time_s is not None else None
+        first_step, t0 = self._first
+        return (now - t0) / (step - first_step) * (max_steps - step)
+
+
+def format_line(record: dict[str, Any], max_steps: Optional[int] = None, eta_s: Optional[float] = None) -> str:
+    """`step N/total | loss ... | tok/s ... | eta 1m05s` (the total and eta where given)."""
+    parts = [f"step {record['step']}" + (f"/{max_steps}" if max_steps else "")]
     parts += [fmt.format(record[key]) for key, fmt in _FORMATS if record.get(key) is not None]
+    if eta_s is not None and max_steps and record["step"] < max_steps:
+        from .summary import duration
+        parts.append(f"eta {duration(eta_s)}")
     return " | ".join(parts)

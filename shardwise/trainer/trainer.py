@@ -76,9 +76,15 @@ class Trainer:
         # each tensor's values depend on (seed, name) only, shardwise.models.init), and its buffers.
         self.model: nn.Module = parallelize_model(build_meta_model(cfg.model), self.dims, cfg.parallel)
         split = dict(tp=_rank_size(self.tp_group), ep=_rank_size(self.dims.group("ep")))
-        if t.init_from:  # a Hugging Face directory, read slice by slice (no rank loads the whole model)
-            from ..models.hf_init import HFInit
-            param_init = HFInit(t.init_from, cfg.model, **split)
+        if t.init_from:  # read slice by slice (no rank loads the whole model)
+            from ..fault_tolerance.weights import DCPInit, checkpoint_of
+            ckpt = checkpoint_of(t.init_from)
+            if ckpt is not None:  # a shardwise DCP checkpoint: its weights only (fresh optimizer, step 0)
+                param_init = DCPInit(ckpt, cfg.model, **split)
+                log.info("trainer.init_from: weights of %s (optimizer and step start fresh)", ckpt)
+            else:  # a Hugging Face directory
+                from ..models.hf_init import HFInit
+                param_init = HFInit(t.init_from, cfg.model, **split)
         else:
             param_init = ParamInit(cfg.model, t.seed, **split)
         # A flag per block, read by the one block call site of every layout (models.checkpointing.run_block).
@@ -136,7 +142,10 @@ class Trainer:
                                        cache_enabled=cfg.zero.stage < 3 and cfg.zero.param_dtype == "fp32")
         self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
         self.peak_flops = peak_tflops(env.device, t.peak_tflops) * 1e12
-        self.metrics = MetricsLogger(cfg.logging, run_dir, env.is_main, t.max_steps, run_name=run_name)
+        from .summary import RunSummary, config_dict
+        self.metrics = MetricsLogger(cfg.logging, run_dir, env.is_main, t.max_steps, run_name=run_name,
+                                     full_config=config_dict(cfg) if env.is_main else None)
+        self.summary = RunSummary(cfg, run_dir, env.device, self.peak_flops)  # logged by rank 0 after fit
         self.step = 0
         self.stop_requested = False  # this rank's request (SIGTERM); stop_agreed: every rank's, acted upon
         self.stop_agreed = False
@@ -339,12 +348,16 @@ class Trainer:
         """Train to trainer.max_steps (or until a stop is requested); returns the logged records."""
         t = self.cfg.trainer
         history = []
+        self.summary.start()
         try:
             while self.step < t.max_steps:
                 m = self.train_step()
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     m["eval_loss"] = self.evaluate()
-                if self.step % t.log_every == 0 or self.step == t.max_steps or self.stop_agreed or "eval_loss" in m:
+                self.summary.add(self.step, m)
+                # Step 1 is always logged: the loss a run starts from is what its later losses are read against.
+                if (self.step % t.log_every == 0 or self.step in (1, t.max_steps) or self.stop_agreed
+                        or "eval_loss" in m):
                     self.metrics.log(self.step, m)
                     history.append({"step": self.step, **m})
                 self.metrics.advance()
@@ -368,4 +381,7 @@ class Trainer:
                 self.checkpointer.close()  # waits for the checkpoint save in flight
         from ..fault_tolerance.trainer_hooks import maybe_save_final_state
         maybe_save_final_state(self)  # $SHARDWISE_SAVE_FINAL_STATE=1: <run_dir>/final_state.pt (tests)
+        if self.env.is_main:
+            for line in self.summary.lines():
+                log.info(line)
         return history

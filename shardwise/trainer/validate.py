@@ -9,11 +9,8 @@ from __future__ import annotations
 import re
 
 from ..models.checkpointing import parse_activation_checkpointing
+from ..errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 from .config import ShardwiseConfig
-
-
-class ConfigError(ValueError):
-    """A configuration the trainer cannot run; the message names each bad field and its fix."""
 
 
 def _positive(problems: list[str], name: str, value, allow_zero: bool = False) -> None:

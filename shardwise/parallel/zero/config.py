@@ -4,7 +4,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
+from ...choices import choice
+
+# Fixed choices (str-valued Enums: Hydra refuses other values at compose time; shardwise.choices).
+SecondaryLevel = choice("SecondaryLevel", ["none", "pair", "node"], __name__)
+QuantizeWeights = choice("QuantizeWeights", ["none", "int8"], __name__)
+QuantizeGradients = choice("QuantizeGradients", ["none", "int8", "int4"], __name__)
+GradAccumulation = choice("GradAccumulation", ["auto", "shard", "inner"], __name__)
+ZeroDtype = choice("ZeroDtype", ["auto", "fp32", "bf16"], __name__)
 
 LEVEL_NAMES = {1: ["dp"], 2: ["node", "inter"], 3: ["pair", "node", "inter"]}
 
@@ -23,23 +30,23 @@ class ZeroConfig:
     """0 = replicated data parallel (bucketed gradient all-reduce, sum); 1 = shard the optimizer states and
     fp32 master weights; 2 = also the reduced gradients; 3 = also the parameters (gathered before a unit
     runs, freed after it, re-gathered for its backward)."""
-    secondary_partition_level: str = "none"
+    secondary_partition_level: SecondaryLevel = SecondaryLevel.none
     """ZeRO++ hpZ (stage 3 only): `none`, `pair` or `node`. After a unit's forward gather, each rank keeps
     the unit's parameters partitioned over the ranks of that level (and the levels inside it), so the
     backward re-gather stays inside it; costs M / (ranks in that level) extra memory while a unit is
     between its forward and its backward."""
-    quantize_weights: str = "none"
+    quantize_weights: QuantizeWeights = QuantizeWeights.none
     """ZeRO++ qwZ (stage 3 only): `none` or `int8`. Parameter all-gathers carry block-wise symmetric int8
     values plus one fp32 scale per `quant_block_size` values; compute uses the dequantized weights (fp32
     master weights stay exact)."""
-    quantize_gradients: str = "none"
+    quantize_gradients: QuantizeGradients = QuantizeGradients.none
     """ZeRO++ qgZ (stages 1-3): `none`, `int8` or `int4`. The slowest (outermost) level's gradient
     reduce-scatter becomes an all-to-all of block-quantized values, summed locally in fp32, with error
     feedback (each rank carries its quantization residual into the next step)."""
     prefetch_units: int = 1
     """Stage 3: units whose all-gather is started ahead of the unit that runs (forward and backward
     order); also bounds the gradient reductions in flight (prefetch_units + 1). 0 = no overlap."""
-    grad_accumulation: str = "auto"
+    grad_accumulation: GradAccumulation = GradAccumulation.auto
     """How stages 2-3 treat the micro-batches run inside `no_sync()` (gradient accumulation); stages 0-1
     always keep the full fp32 gradient until the step's last micro-batch. `shard`: reduce-scatter over
     every level each micro-batch into the fp32 shard (DeepSpeed's behaviour; gradient memory = the shard,
@@ -50,19 +57,25 @@ class ZeroConfig:
     `shard` (`inner` with a single such level is `shard` as well)."""
     quant_block_size: int = 256
     """Values per quantization block (one fp32 scale each)."""
-    param_dtype: str = "auto"
+    param_dtype: ZeroDtype = ZeroDtype.auto
     """Dtype of the compute copies of the parameters and of every parameter all-gather: `auto` (follow
     trainer.precision: fp32 -> fp32, bf16 -> bf16), `fp32` or `bf16`. The fp32 master weights, the
     gradient accumulators and the AdamW states stay fp32 whatever this is. bf16 halves the gathered bytes
     and the memory of the compute copies, and weights are not re-cast on every use (as autocast over
     fp32 parameters does); needs trainer.precision=bf16."""
-    reduce_dtype: str = "auto"
+    reduce_dtype: ZeroDtype = ZeroDtype.auto
     """Dtype in which gradients travel in their reduction over data parallel (stage 0 all-reduce, stages
     1-3 reduce-scatter; a qgZ level sends its packed integers instead): `auto` (follow trainer.precision),
     `fp32` or `bf16`. Reduced gradients are summed into fp32 shards either way."""
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")
+
+
+def _torch_dtype(name) -> "torch.dtype":
+    import torch  # here, not at module level: the config schema must import without torch (the launcher)
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(name, torch.float32)
 
 
 def resolve_precision(cfg: ZeroConfig, precision: str) -> ZeroConfig:
@@ -71,9 +84,9 @@ def resolve_precision(cfg: ZeroConfig, precision: str) -> ZeroConfig:
     return dataclasses.replace(cfg, **{f: follow for f in ("param_dtype", "reduce_dtype") if getattr(cfg, f) == "auto"})
 
 
-def dtypes_of(cfg: ZeroConfig) -> tuple[torch.dtype, torch.dtype]:
+def dtypes_of(cfg: ZeroConfig) -> "tuple[torch.dtype, torch.dtype]":
     """(param dtype, reduce dtype) of a config; `auto` means fp32 here (no trainer: see resolve_precision)."""
-    return tuple(DTYPES.get(getattr(cfg, f), torch.float32) for f in ("param_dtype", "reduce_dtype"))
+    return tuple(_torch_dtype(getattr(cfg, f)) for f in ("param_dtype", "reduce_dtype"))
 
 
 def _dtype_problems(cfg: ZeroConfig) -> list[str]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import struct
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy
@@ -22,65 +20,14 @@ import torch
 from ...comm import collectives as C
 from .corpus import ensure_bundled_corpus
 from .errors import DataError
+from .index_file import Blend, IndexInfo, _is_number, parse_blend, read_index  # noqa: F401  (re-exported)
 from .megatron_compat import import_megatron, quiet_megatron_logs, rank_zero_without_process_group
 from .tokenizer import build_tokenizer
 
-Blend = Tuple[List[str], Optional[List[float]]]
 
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
 # Tokens read from each end of a .bin to catch data made with a bigger tokenizer (full scans of
 # multi-GB files would make every start-up slow; a wrong tokenizer shows up everywhere).
 _SCAN_TOKENS = 1 << 20
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def parse_blend(paths: Sequence[str]) -> Blend:
-    """Megatron `--data-path` syntax: `[prefix, ...]` or `[weight, prefix, weight, prefix, ...]`.
-
-    Stricter than megatron's `get_blend_from_list`, which silently reads an odd-length weighted
-    list as all-prefixes (and then fails on a file named "0.7.idx").
-    """
-    items = [str(p).strip() for p in paths]
-    if not items or any(not p for p in items):
-        raise DataError(f"data.paths={list(paths)!r}: empty entries; give data prefixes (path without .bin/.idx)")
-    if not _is_number(items[0]):
-        for i, item in enumerate(items):
-            if _is_number(item):
-                raise DataError(
-                    f"data.paths[{i}]={item!r} looks like a weight, but data.paths[0] is a prefix; "
-                    "either list only prefixes, or alternate weight and prefix: ['0.7', '/data/a', '0.3', '/data/b']"
-                )
-        prefixes, weights = items, None
-    else:
-        if len(items) % 2:
-            raise DataError(
-                f"data.paths has {len(items)} entries; a weighted blend alternates weight and prefix "
-                "(['0.7', '/data/a', '0.3', '/data/b']), so it needs an even number"
-            )
-        weights = []
-        for i in range(0, len(items), 2):
-            if not _is_number(items[i]):
-                raise DataError(
-                    f"data.paths[{i}]={items[i]!r} is not a number; a weighted blend alternates "
-                    "weight and prefix: ['0.7', '/data/a', '0.3', '/data/b']"
-                )
-            weight = float(items[i])
-            if not math.isfinite(weight) or weight <= 0:
-                raise DataError(f"data.paths[{i}]={items[i]!r}: blend weights must be positive numbers")
-            weights.append(weight)
-        prefixes = items[1::2]
-    # A prefix given with its .bin/.idx suffix is an easy slip; accept it.
-    prefixes = [os.path.abspath(os.path.expanduser(p[:-4] if p.endswith((".bin", ".idx")) else p)) for p in prefixes]
-    if weights is not None and len(prefixes) == 1:
-        weights = None  # a single weighted prefix makes megatron build a pointless BlendedDataset
-    return prefixes, weights
 
 
 def _check_split(split: str) -> None:
@@ -90,47 +37,6 @@ def _check_split(split: str) -> None:
         raise DataError(f"data.split={split!r}: expected up to 3 non-negative train,valid,test weights, e.g. '969,30,1'")
     if float(parts[0]) == 0:
         raise DataError(f"data.split={split!r} gives the train split weight 0; nothing to train on")
-
-
-@dataclass
-class IndexInfo:
-    """What we read from one prefix's .idx header."""
-
-    prefix: str
-    dtype: numpy.dtype
-    sequence_lengths: numpy.ndarray
-
-
-def read_index(prefix: str) -> IndexInfo:
-    """Read and sanity-check `<prefix>.idx` (and the size of `<prefix>.bin`)."""
-    idx, bin_ = prefix + ".idx", prefix + ".bin"
-    for path in (idx, bin_):
-        if not os.path.isfile(path):
-            raise DataError(
-                f"data.paths: {path} does not exist. Each prefix needs {os.path.basename(prefix)}.bin and "
-                ".idx; create them with scripts/preprocess_data.py --output-prefix " + prefix
-            )
-    DType = import_megatron("megatron.core.datasets.indexed_dataset").DType
-    with open(idx, "rb") as f:
-        head = f.read(34)
-        if len(head) < 34 or head[:9] != _IDX_MAGIC or struct.unpack("<Q", head[9:17])[0] != 1:
-            raise DataError(f"{idx} is not a Megatron index file (bad header); re-run scripts/preprocess_data.py")
-        try:
-            dtype = numpy.dtype(DType.dtype_from_code(head[17]))
-        except ValueError:
-            raise DataError(f"{idx}: unknown token dtype code {head[17]}; the file is corrupt") from None
-        count, docs = struct.unpack("<QQ", head[18:34])
-        lengths = numpy.fromfile(f, dtype=numpy.int32, count=count)
-    expected_idx = 34 + count * (4 + 8) + docs * 8
-    if len(lengths) != count or os.path.getsize(idx) < expected_idx:
-        raise DataError(f"{idx} is truncated; re-run scripts/preprocess_data.py")
-    expected_bin = int(lengths.astype(numpy.int64).sum()) * dtype.itemsize
-    if os.path.getsize(bin_) != expected_bin:
-        raise DataError(
-            f"{bin_} has {os.path.getsize(bin_)} bytes but {idx} describes {expected_bin}; the pair is "
-            "truncated or from different runs. Re-run scripts/preprocess_data.py"
-        )
-    return IndexInfo(prefix, dtype, lengths)
 
 
 def check_tokens(info: IndexInfo, tokenizer, spec: str) -> None:
@@ -209,6 +115,11 @@ def build_datasets(cfg, *, seed: int, train_samples: int, eval_samples: int, voc
     else:
         prefixes, weights = [ensure_bundled_corpus(cfg.cache_dir, cfg.tokenizer)], None
     infos = [read_index(p) for p in prefixes]
+    if getattr(cfg, "verify", False):  # first: it names the document of a bad token, check_tokens only the file
+        from .verify import verify_prefix
+
+        for info in infos:
+            verify_prefix(info.prefix, tokenizer.vocab_size)
     for info in infos:
         check_tokens(info, tokenizer, cfg.tokenizer)
 
