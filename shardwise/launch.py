@@ -21,6 +21,7 @@ known error; shardwise.launch_failures), the ranks' full tracebacks are in <run_
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -135,8 +136,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     clear_reports(log_dir)  # an earlier launch into this run_dir (resume) must not speak for this one
     os.environ[LAUNCHER_ENV] = "1"
     smps = start_snapshot_managers(cfg, args[:split], world)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    code = 0
     try:
         code = run_torchrun(args, log_dir)
+    except SignalException as e:  # SIGTERM/SIGINT: torchrun forwarded it and waited for the workers' clean stop
+        code = 128 + int(e.sigval)  # 130 (SIGINT) / 143 (SIGTERM), as shells and schedulers expect
+        print(f"shardwise-launch: stopped by {signal.Signals(e.sigval).name} (exit {code})", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C before torchrun took over the signal handlers
+        code = 128 + signal.SIGINT
     finally:
         if smps is not None:
             smps.stop()
