@@ -182,10 +182,10 @@ class DurableCheckpointer:
             return None
         dims = trainer.dims
         if not explicit and (dims.pp > 1 or dims.ep > 1):
-            if trainer.env.is_main:
-                log.warning("no final checkpoint and no resume for this run: durable checkpoints do not support "
-                            "parallel.pp=%d / parallel.ep=%d yet (set trainer.save_final=false to silence this)",
-                            dims.pp, dims.ep)
+            if trainer.env.is_main and t.save_final:  # (nothing to auto-resume from: none can have been written)
+                what = " and ".join(f"parallel.{n}={v}" for n, v in (("pp", dims.pp), ("ep", dims.ep)) if v > 1)
+                log.warning("no final checkpoint for this run: durable checkpoints do not support %s yet "
+                            "(trainer.save_final=false silences this)", what)
             return None
         return cls(checkpoint_dir(cfg, trainer.run_dir), ft.checkpoint_every, trainer, t.keep_last)
 
