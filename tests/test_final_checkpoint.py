@@ -27,7 +27,7 @@ from shardwise.fault_tolerance.checkpoint import load_model_state_dict
 from shardwise.fault_tolerance.resume import committed, latest_checkpoint, step_dir
 from shardwise.fault_tolerance.smp import clean_stale
 
-STEPS, EVERY = 120, 40
+STEPS, EVERY = 60, 20  # the signal comes right after step 3: ~57 steps of margin
 COMMON = ["recipe=tiny_dense", "data.seq_len=32", f"trainer.max_steps={STEPS}", "trainer.eval_every=0",
           "trainer.log_every=1", "logging.progress_bar=false"]
 
@@ -122,9 +122,10 @@ def runs(tmp_path_factory):
                                 "fault_tolerance.ec_data=1", "fault_tolerance.ec_parity=1", "parallel.ranks_per_node=1",
                                 f"fault_tolerance.checkpoint_dir={tmp / 'missing_ckpt'}")
         jobs["must"] = Launch(tmp, "must", "trainer.resume=must", f"fault_tolerance.checkpoint_dir={tmp / 'nope'}")
+        jobs["must"].finish()  # first: its time is the time to its error (while the other two start)
         jobs["ctrl_c"].wait_for_step(3)
         os.killpg(jobs["ctrl_c"].proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
-        for name in ("must", "resume", "ctrl_c"):  # `must` first: its time is the time to its error
+        for name in ("resume", "ctrl_c"):
             jobs[name].finish()
         yield jobs
     finally:
