@@ -25,6 +25,7 @@ the same one-message path) and exit code 3 (shardwise.fault_tolerance.watchdog).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -140,8 +141,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     os.environ[LAUNCHER_ENV] = "1"
     smps = start_snapshot_managers(cfg, args[:split], world)
     watchdog = start_hang_watchdog(cfg, world)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    code = 0
     try:
         code = run_torchrun(args, log_dir)
+    except SignalException as e:  # SIGTERM/SIGINT: torchrun forwarded it and waited for the workers' clean stop
+        code = 128 + int(e.sigval)  # 130 (SIGINT) / 143 (SIGTERM), as shells and schedulers expect
+        print(f"shardwise-launch: stopped by {signal.Signals(e.sigval).name} (exit {code})", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C before torchrun took over the signal handlers
+        code = 128 + signal.SIGINT
     finally:
         if watchdog is not None:
             watchdog.stop()

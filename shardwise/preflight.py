@@ -55,7 +55,10 @@ def check_writable(path: Path, field: str, min_free: int) -> None:
 
 
 def checkpoint_dir(cfg) -> Optional[str]:
-    return getattr(cfg.fault_tolerance, "checkpoint_dir", None) or None
+    """fault_tolerance.checkpoint_dir, else <run_dir>/checkpoints (where the final checkpoint goes)."""
+    from .fault_tolerance.resume import checkpoint_dir as resolved
+    d = resolved(cfg)
+    return str(d) if d is not None else None
 
 
 def check_data(cfg) -> None:
@@ -88,7 +91,7 @@ def check_inputs(cfg, run_dir: Optional[str]) -> None:
 def check_checkpoint_space(cfg) -> None:
     """Room for at least one durable checkpoint of this model in checkpoint_dir (when checkpoints are on)."""
     ckpt = checkpoint_dir(cfg)
-    if not ckpt or getattr(cfg.fault_tolerance, "checkpoint_every", 0) <= 0:
+    if not ckpt or (cfg.fault_tolerance.checkpoint_every <= 0 and not cfg.trainer.save_final):
         return
     from .models.flops import count_parameters
 

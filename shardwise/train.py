@@ -45,6 +45,29 @@ def run(overrides: Sequence[str]) -> list[dict]:
     """Compose, validate, train; returns rank-local metric records. Raises ConfigError on bad config."""
     rank, world, _, _ = world_from_env()
     setup_logging(rank)
+    # SIGTERM (preemption) or SIGINT (Ctrl-C): every rank stops after the step in which any rank asked
+    # (Trainer.stop_agreed), writes the checkpoint of that step and exits 0, without a KeyboardInterrupt
+    # traceback. A signal during start-up is kept and acted on at step 1. Under torchrun each worker gets the
+    # terminal's SIGINT and the agent's forwarded one: only the first is logged.
+    stop: dict = {}
+
+    def on_stop(signum, frame):
+        if "signal" not in stop:
+            stop["signal"] = signal.Signals(signum).name
+            log.info("%s received: finishing the current step, then writing a checkpoint and stopping", stop["signal"])
+        if "trainer" in stop:
+            stop["trainer"].stop_requested = True
+            stop["trainer"].stop_signal = stop["signal"]
+
+    previous = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run(overrides, world, stop)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run(overrides: Sequence[str], world: int, stop: dict) -> list[dict]:
     cfg, recipe = compose_config(overrides)
     validate_config(cfg, world)
     check_memory_budget(cfg, world)  # before the real process group: it plays ranks on a fake one
@@ -61,15 +84,12 @@ def run(overrides: Sequence[str]) -> list[dict]:
                  run_dir, recipe, env.world_size, env.backend or "none", env.device)
     trainer = Trainer(cfg, env, run_dir, run_name=f"{recipe}-{run_dir.name}")
 
-    def on_sigterm(signum, frame):
-        log.warning("SIGTERM received (preemption?): finishing the current step, then stopping")
-        trainer.stop_requested = True
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    stop["trainer"] = trainer
+    if "signal" in stop:
+        trainer.stop_requested, trainer.stop_signal = True, stop["signal"]
     try:
         history = trainer.fit()
     finally:
-        signal.signal(signal.SIGTERM, previous)
         trainer.close()  # the process leaves with os._exit (no atexit): remove swap files here
     if env.is_main and history:
         last = history[-1]

@@ -37,10 +37,11 @@ def test_too_few_nodes_is_a_clear_error():
 def test_validate_ft_names_fields():
     assert validate_ft(FaultToleranceConfig(), 8, 2) == []
     assert validate_ft(FaultToleranceConfig(snapshot_every=1, ec_data=2, ec_parity=1), 6, 2) == []
+    # checkpoint_every without checkpoint_dir is fine: the directory defaults to <run_dir>/checkpoints.
     bad = FaultToleranceConfig(snapshot_every=-1, ec_data=0, checkpoint_every=10, memory_budget_gib=0,
                                inject=FaultInjectConfig(kill_rank=9, target="gpu"))
     probs = "\n".join(validate_ft(bad, 8, 2))
-    for field in ("snapshot_every", "ec_data", "checkpoint_dir", "memory_budget_gib", "inject.target",
+    for field in ("snapshot_every", "ec_data", "memory_budget_gib", "inject.target",
                   "inject.kill_step", "inject.kill_rank"):
         assert f"fault_tolerance.{field}" in probs, field
     probs = validate_ft(FaultToleranceConfig(snapshot_every=1, ec_data=3, ec_parity=2), 8, 2)

@@ -2,13 +2,17 @@
 
 The trainer (every rank; collective where noted)::
 
-    ckpt = DurableCheckpointer.build(trainer)  # None unless fault_tolerance.checkpoint_dir is set (collective:
-                                               # creates the gloo group the background saves use)
-    ckpt.resume(trainer)        # newest committed checkpoint of the dir, if any: ANY world size, dp levels,
-                                # ZeRO stage or tp (DCP reshards: each rank reads the boxes of its new ranges)
+    ckpt = DurableCheckpointer.build(trainer)  # None when nothing is saved or resumed (build's docstring);
+                                               # collective: creates the gloo group the background saves use
+    ckpt.resume(trainer)        # the checkpoint trainer.resume / resume_from pick (shardwise.fault_tolerance.resume):
+                                # saved at ANY world size, dp levels, ZeRO stage or tp (DCP reshards: each rank
+                                # reads the boxes of its new ranges)
     ckpt.after_step(trainer)    # each step: when step % checkpoint_every == 0, copy the state to host memory
                                 # (the only blocking part) and dcp.async_save it from a background thread
+    ckpt.save_final(trainer)    # trainer.save_final: end of training or a stop; waits until it committed
     ckpt.close()                # end of training: wait for the save in flight
+
+After each commit, rank 0 deletes all but the newest ``trainer.keep_last`` checkpoints (0 = keep all).
 
 At most one save is in flight: the next save (and close) first waits for it. The background save's planning
 collectives run on their own gloo group (``dist.new_group(backend="gloo")``): DCP async_save needs a CPU
@@ -31,7 +35,6 @@ import copy
 import logging
 import math
 import pickle
-import re
 import time
 import warnings
 from pathlib import Path
@@ -47,6 +50,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from ..errors import ShardwiseError
 from ..comm import collectives as C
 from ..parallel.zero.state import FORMAT as ZERO_FORMAT, sharded_state_dict
+from .resume import ResumeError, checkpoint_dir, latest_checkpoint, prune, resolve, step_dir  # noqa: F401 (re-exported)
 from .snapshot import capture_rng_state, restore_rng_state
 from .training_state import global_shape, sharded
 
@@ -55,7 +59,6 @@ log = logging.getLogger("shardwise.ft.checkpoint")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized, assuming the "
                         "intent is to (save|load) in a single process", category=UserWarning)
 FORMAT = "shardwise.ckpt/1"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _TRAIN_KEYS = ("train.step", "train.consumed_samples", "train.lr_scheduler", "train.param_groups", "train.layout")
 
 
@@ -63,19 +66,6 @@ class CheckpointError(ShardwiseError, RuntimeError):
     """A checkpoint that cannot be used; the message names the directory/key and the fix."""
 
     kind = "checkpoint"
-
-
-def step_dir(directory: Union[str, Path], step: int) -> Path:
-    return Path(directory) / f"step_{step:08d}"
-
-
-def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
-    """The committed (``.metadata`` present) ``step_*`` directory with the highest step, or None."""
-    d = Path(directory)
-    if not d.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / ".metadata").is_file()]
-    return max(found)[1] if found else None
 
 
 def read_metadata(path: Union[str, Path]) -> Metadata:
@@ -152,12 +142,14 @@ def _blob(obj) -> bytes:
 class DurableCheckpointer:
     """Asynchronous DCP saves of a Trainer's whole state and resume at any tp x dp layout (module docstring)."""
 
-    def __init__(self, directory: Union[str, Path], every: int, trainer):
+    def __init__(self, directory: Union[str, Path], every: int, trainer, keep_last: int = 0):
         dims = trainer.dims
         if dims.pp > 1 or dims.ep > 1:
             raise CheckpointError(f"durable checkpoints support tp x dp layouts (any ZeRO stage); parallel.pp={dims.pp}, "
                                   f"parallel.ep={dims.ep}: set fault_tolerance.checkpoint_dir=null for this layout")
-        self.directory, self.every = Path(directory), int(every)
+        self.directory, self.every, self.keep_last = Path(directory), int(every), int(keep_last)
+        self.cfg, self.run_dir = trainer.cfg, trainer.run_dir
+        self.have: Optional[Path] = None  # the checkpoint of the trainer's current state (saved or loaded)
         self.engine, self.model = trainer.engine, trainer.raw_model
         self.tp_rank, self.tp_size = dims.my_coords["tp"], dims.tp
         self.tp_dim = {n: getattr(p, "tp_shard_dim", None) for n, p in self.model.named_parameters()}
@@ -179,13 +171,23 @@ class DurableCheckpointer:
 
     @classmethod
     def build(cls, trainer) -> Optional["DurableCheckpointer"]:
-        ft = trainer.cfg.fault_tolerance
-        if not ft.checkpoint_dir:
-            if ft.checkpoint_every > 0:
-                raise CheckpointError(f"fault_tolerance.checkpoint_every={ft.checkpoint_every} needs "
-                                      "fault_tolerance.checkpoint_dir (a directory on a shared filesystem)")
+        """A checkpointer in fault_tolerance.checkpoint_dir (default <run_dir>/checkpoints), or None when nothing
+        is to be saved or looked for (checkpoint_every=0, save_final=false, resume=never, no resume_from). On a
+        layout the checkpoint does not cover (pp > 1, ep > 1) the defaults (final save, auto resume) are skipped
+        with one log line; what the user asked for explicitly is refused by validate_config before this."""
+        cfg = trainer.cfg
+        ft, t = cfg.fault_tolerance, cfg.trainer
+        explicit = bool(ft.checkpoint_dir or ft.checkpoint_every > 0 or t.resume_from or t.resume.value == "must")
+        if not (explicit or t.save_final or t.resume.value == "auto"):
             return None
-        return cls(ft.checkpoint_dir, ft.checkpoint_every, trainer)
+        dims = trainer.dims
+        if not explicit and (dims.pp > 1 or dims.ep > 1):
+            if trainer.env.is_main and t.save_final:  # (nothing to auto-resume from: none can have been written)
+                what = " and ".join(f"parallel.{n}={v}" for n, v in (("pp", dims.pp), ("ep", dims.ep)) if v > 1)
+                log.warning("no final checkpoint for this run: durable checkpoints do not support %s yet "
+                            "(trainer.save_final=false silences this)", what)
+            return None
+        return cls(checkpoint_dir(cfg, trainer.run_dir), ft.checkpoint_every, trainer, t.keep_last)
 
     # ------------------------------------------------------------------ save
     def _stage(self, key: str, src: torch.Tensor) -> torch.Tensor:
@@ -270,26 +272,50 @@ class DurableCheckpointer:
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"asynchronous checkpoint save to {path} failed: {_why(e)}. Check that "
                                   f"fault_tolerance.checkpoint_dir={self.directory} is writable with free space") from e
+        self.have = path
         if self.rank == 0:
             log.info("durable checkpoint committed: %s", path)
+            removed = prune(self.directory, self.keep_last)
+            if removed:
+                log.info("trainer.keep_last=%d: removed %s", self.keep_last, ", ".join(p.name for p in removed))
         return path
+
+    def save_final(self, trainer) -> Path:
+        """Save step ``trainer.step`` unless the checkpoint of that state exists already; wait until it
+        committed (collective). Returns its directory."""
+        if self._inflight is not None and self._inflight == step_dir(self.directory, trainer.step):
+            return self.wait()
+        self.wait()
+        if self.have == step_dir(self.directory, trainer.step):
+            return self.have
+        self.save(trainer)
+        return self.wait()
 
     def close(self) -> None:
         self.wait()
 
     # ------------------------------------------------------------------ load
     def resume(self, trainer) -> Optional[Path]:
-        """Load the newest committed checkpoint of the directory (rank 0 picks it) into ``trainer``; None if there
-        is none (fresh start)."""
-        found = [str(latest_checkpoint(self.directory) or "") if self.rank == 0 else None]
+        """Load the checkpoint the resume rules pick (rank 0 decides: shardwise.fault_tolerance.resume) into
+        ``trainer``; None for a fresh start. CheckpointError on every rank when there must be one and is none."""
+        found: list = [None]
+        if self.rank == 0:
+            from .trainer_hooks import first_incarnation
+            try:
+                path, what, warn = resolve(self.cfg, self.run_dir, restarted=not first_incarnation())
+                (log.warning if warn else log.info)("durable checkpoint: %s", what)
+                found = [("ok", str(path or ""))]
+            except ResumeError as e:
+                found = [("error", str(e))]
         if self.dist:
             C.broadcast_object_list(found, src=0, group=self.group)
-        if not found[0]:
-            if self.rank == 0:
-                log.info("durable checkpoint: none in %s; starting at step 0", self.directory)
+        kind, value = found[0]
+        if kind == "error":
+            raise CheckpointError(value)
+        if not value:
             return None
-        self.load(trainer, found[0])
-        return Path(found[0])
+        self.load(trainer, value)
+        return Path(value)
 
     def load(self, trainer, path: Union[str, Path]) -> None:
         """Load checkpoint ``path`` (saved at any tp x dp layout / ZeRO stage) into ``trainer`` (collective)."""
@@ -356,6 +382,7 @@ class DurableCheckpointer:
         trainer.data.load_state_dict({"consumed_samples": pickle.loads(req["train.consumed_samples"])})
         trainer.step = pickle.loads(req["train.step"])
         restore_rng_state(pickle.loads(req[rng_key if rng_key in sdm else "train.rng.rank0"]))
+        self.have = path
         if self.rank == 0:
             log.info("durable checkpoint: state from %s (step %d, saved at %s)%s", path, trainer.step,
                      {k: layout.get(k) for k in ("world_size", "tp", "dp", "dp_levels", "zero_stage")},

@@ -53,9 +53,10 @@ class FaultToleranceConfig:
     """m: parity members per group, stored on m further nodes; any <= m lost nodes per group are rebuilt.
     0 = no erasure coding (a lost node's snapshots are gone; recovery falls back to checkpoints)."""
     checkpoint_every: int = 0
-    """Write a durable torch.distributed.checkpoint every N steps. 0 = never."""
+    """Write a durable torch.distributed.checkpoint every N steps. 0 = only the final one (trainer.save_final)."""
     checkpoint_dir: Optional[str] = None
-    """Directory of durable checkpoints (shared filesystem). Required when checkpoint_every > 0."""
+    """Directory of durable checkpoints (on a filesystem every node sees); null = <run_dir>/checkpoints. The run
+    resumes from its newest checkpoint by default (trainer.resume)."""
     memory_budget_gib: float = 8.0
     """Host shared memory each node's snapshot manager may use for this job (its slots — 2 per local rank by
     default — plus the parity it holds for other nodes). Exceeding it is a clear error, not an OOM."""
@@ -76,8 +77,6 @@ def validate_ft(cfg: FaultToleranceConfig, world_size: int, ranks_per_node: int)
         p.append(f"{f}ec_data={cfg.ec_data} must be >= 1")
     if cfg.memory_budget_gib <= 0:
         p.append(f"{f}memory_budget_gib={cfg.memory_budget_gib} must be > 0")
-    if cfg.checkpoint_every > 0 and not cfg.checkpoint_dir:
-        p.append(f"{f}checkpoint_dir is required when {f}checkpoint_every={cfg.checkpoint_every} > 0")
     if ranks_per_node < 1 or world_size < 1 or world_size % ranks_per_node:
         p.append(f"world size {world_size} is not a multiple of ranks per node {ranks_per_node}")
     elif cfg.snapshot_every > 0 and cfg.ec_parity > 0 and cfg.ec_data >= 1:

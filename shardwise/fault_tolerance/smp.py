@@ -285,6 +285,9 @@ class _Server(socketserver.ThreadingTCPServer):
         super().__init__(addr, _Handler)
 
 
+IGNORE_SIGINT_ENV = "SHARDWISE_SMP_IGNORE_SIGINT"
+
+
 def serve(job_id: str, node: int, host: str = "127.0.0.1", port: int = 0, memory_budget_gib: float = 8.0,
           slots: int = 2, conn_timeout: float = 60.0) -> None:
     """Run an SMP in this process until SIGTERM/SIGINT/shutdown; then unlink its segments."""
@@ -292,7 +295,9 @@ def serve(job_id: str, node: int, host: str = "127.0.0.1", port: int = 0, memory
     srv = _Server((host, port), mgr, conn_timeout)
     stop = lambda *_: threading.Thread(target=srv.shutdown, daemon=True).start()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # Started by shardwise-launch: Ctrl-C reaches the whole foreground process group, and the SMPs must outlive
+    # the workers' clean stop (their last snapshot); the launcher stops them with SIGTERM afterwards.
+    signal.signal(signal.SIGINT, signal.SIG_IGN if os.environ.get(IGNORE_SIGINT_ENV) == "1" else stop)
     real_port = srv.server_address[1]
     (mgr.dir / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": host, "port": real_port,
                                                     "job_id": job_id, "node": node, "started": time.time()}))

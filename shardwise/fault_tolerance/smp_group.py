@@ -24,10 +24,11 @@ import uuid
 from pathlib import Path
 
 from .shm_store import job_dir, job_dirs, remove_job_dir
-from .smp import SMPProcess, clean_stale, start_smp
+from .smp import IGNORE_SIGINT_ENV, SMPProcess, clean_stale, start_smp
 from .smp_client import SECRET_ENV
 
 log = logging.getLogger("shardwise.ft.launch")
+_SMP_ENV = {IGNORE_SIGINT_ENV: "1"}  # Ctrl-C must not stop them under the stopping workers (smp.serve)
 JOB_ENV, SMPS_ENV = "SHARDWISE_FT_JOB_ID", "SHARDWISE_FT_SMPS"
 
 
@@ -42,6 +43,7 @@ class SMPGroup:
         os.environ[SMPS_ENV] = str(self.file.resolve())
         self.smps: dict[int, SMPProcess] = {}
         self.restarts = 0
+        self.stopped: set[int] = set()  # nodes whose SMP exited cleanly (SIGTERM from outside): not replaced
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -52,7 +54,7 @@ class SMPGroup:
         try:
             g.run_dir.mkdir(parents=True, exist_ok=True)
             for n in range(g.nodes):
-                g.smps[n] = start_smp(g.job_id, n, g.host, 0, memory_budget_gib=g.budget)
+                g.smps[n] = start_smp(g.job_id, n, g.host, 0, memory_budget_gib=g.budget, env=_SMP_ENV)
             g._publish()
             g._thread = threading.Thread(target=g._watch, name="shardwise-smp-watch", daemon=True)
             g._thread.start()
@@ -72,7 +74,12 @@ class SMPGroup:
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
             for n, h in list(self.smps.items()):
-                if h.proc.poll() is None or self._stop.is_set():
+                if h.proc.poll() is None or self._stop.is_set() or n in self.stopped:
+                    continue
+                if h.proc.returncode == 0:
+                    # A clean exit is a stop on request (SIGTERM to the whole job: preemption), not a lost node:
+                    # the job is ending; no replacement.
+                    self.stopped.add(n)
                     continue
                 with self._lock:
                     if self._stop.is_set():
@@ -81,9 +88,9 @@ class SMPGroup:
                           "memory counts as lost: starting an empty one", flush=True)
                     remove_job_dir(job_dir(self.job_id, n))
                     try:
-                        new = start_smp(self.job_id, n, h.host, h.port, memory_budget_gib=self.budget)
+                        new = start_smp(self.job_id, n, h.host, h.port, memory_budget_gib=self.budget, env=_SMP_ENV)
                     except RuntimeError:  # the port was taken meanwhile: any port, republished
-                        new = start_smp(self.job_id, n, h.host, 0, memory_budget_gib=self.budget)
+                        new = start_smp(self.job_id, n, h.host, 0, memory_budget_gib=self.budget, env=_SMP_ENV)
                     self.smps[n] = new
                     self.restarts += 1
                     self._publish()

@@ -164,6 +164,9 @@ class FaultTolerance:
         ``"snapshot"`` (loaded), ``"fresh"`` (step 0), or ``"durable"``: no usable snapshot but a durable
         checkpoint directory exists and ``durable_ok`` — the CALLER then resumes from its newest checkpoint
         (checkpoint module). Without ``durable_ok`` that case is handled as "no checkpoint"."""
+        if trainer is not None:  # the fallback's directory (default <run_dir>/checkpoints)
+            from .resume import checkpoint_dir
+            self.checkpoint_dir = checkpoint_dir(trainer.cfg, trainer.run_dir)
         code, what = self._decide() if self.rank == 0 else (0, "")
         code = self._bcast(code)
         if code == _FRESH:
@@ -209,7 +212,7 @@ class FaultTolerance:
         restore_rng_state(x["rng"])
 
     def _fallback(self, why: str, durable_ok: bool) -> str:
-        ckpt, newest = self.cfg.checkpoint_dir, None
+        ckpt, newest = getattr(self, "checkpoint_dir", None) or self.cfg.checkpoint_dir, None
         if durable_ok and ckpt:
             from .checkpoint import latest_checkpoint
             newest = latest_checkpoint(ckpt)
@@ -224,7 +227,7 @@ class FaultTolerance:
             return "fresh"
         raise RuntimeError(("fault tolerance: " + why if self.rank == 0 else
                             "fault tolerance: no usable in-memory snapshot (rank 0's log says why)") +
-                           f"; no durable checkpoint to fall back to (fault_tolerance.checkpoint_dir={ckpt!r}); set "
+                           f"; no durable checkpoint to fall back to (fault_tolerance.checkpoint_dir: {ckpt}); set "
                            "fault_tolerance.allow_fresh_start=true to start over from step 0")
 
     # ---- per step -----------------------------------------------------------------------------------------

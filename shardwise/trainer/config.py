@@ -14,6 +14,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 
 from ..fault_tolerance.config import FaultToleranceConfig
+from ..fault_tolerance.resume import ResumeMode
 from ..offload.config import OffloadConfig
 from ..parallel.co2.config import CO2Config
 from ..parallel.zero.config import ZeroConfig
@@ -291,6 +292,21 @@ class TrainerConfig:
     profile_steps: List[int] = field(default_factory=list)
     """[a, b]: record steps a..b (inclusive) with torch.profiler and write one Chrome trace per rank to
     run_dir/profile/rank<r>.json, with ranges named after the phases and the ZeRO units. [] = off."""
+    save_final: bool = True
+    """Write a durable checkpoint of the last step when training ends, and of the current step when it is
+    stopped (SIGTERM, Ctrl-C), into fault_tolerance.checkpoint_dir (default <run_dir>/checkpoints). Layouts the
+    durable checkpoint does not cover yet (parallel.pp > 1, parallel.ep > 1) skip it with one log line."""
+    keep_last: int = 0
+    """Keep only the newest N committed checkpoints of the checkpoint directory; older ones are deleted after a
+    new one has committed. 0 = keep every checkpoint."""
+    resume: ResumeMode = ResumeMode.auto
+    """Where the run starts: `auto` = the newest checkpoint of the checkpoint directory if there is one, else step
+    0 (both logged; a warning if fault_tolerance.checkpoint_dir was given but does not exist); `must` = the same,
+    but no checkpoint is an error; `never` = step 0 even if checkpoints exist. In-memory snapshots after a worker
+    restart take precedence."""
+    resume_from: Optional[str] = None
+    """A checkpoint to start from instead of the checkpoint directory's newest: a step_* directory, or a directory
+    of them (its newest). Nothing committed there is an error. null = the checkpoint directory."""
 
 
 @dataclass

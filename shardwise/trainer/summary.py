@@ -106,8 +106,8 @@ class RunSummary:
                f"  metrics:    {self.run_dir / 'metrics.jsonl'}"]
         ckpt = self.checkpoint()
         if ckpt is None:
-            out.append("  checkpoint: none written (set fault_tolerance.checkpoint_dir and checkpoint_every to keep "
-                       "the model)")
+            out.append("  checkpoint: none written (trainer.save_final=false, or a parallel.pp/ep > 1 layout that "
+                       "durable checkpoints do not support yet)")
         else:
             out += [f"  checkpoint: {ckpt}",
                     f"  export:     shardwise-export {self.run_dir} --format hf --out {self.run_dir / 'hf'}"]

@@ -149,6 +149,8 @@ class Trainer:
         self.step = 0
         self.stop_requested = False  # this rank's request (SIGTERM); stop_agreed: every rank's, acted upon
         self.stop_agreed = False
+        self.stop_signal = "SIGTERM"  # what requested the stop, for the log line (set by shardwise.train)
+        self.final_checkpoint: Optional[Path] = None  # trainer.save_final: the committed checkpoint of the last step
         # --- fault tolerance (shardwise.fault_tolerance.trainer_hooks): SMP snapshots, recovery, injection ---
         from ..fault_tolerance.trainer_hooks import FaultTolerance
         self.ft = FaultTolerance.build(self)
@@ -157,8 +159,9 @@ class Trainer:
             # checkpoint exists) leaves step 0 so the durable checkpointer below resumes.
             self.ft.restore(self, durable_ok=True)
         # --- end fault tolerance ---
-        # --- durable checkpoints (shardwise.fault_tolerance.checkpoint): when fault_tolerance.checkpoint_dir is set,
-        # resume from its newest checkpoint (any layout) unless a snapshot was restored; save every checkpoint_every ---
+        # --- durable checkpoints (shardwise.fault_tolerance.checkpoint) in fault_tolerance.checkpoint_dir (default
+        # <run_dir>/checkpoints): unless a snapshot was restored, resume as trainer.resume / resume_from say (any
+        # layout); save every checkpoint_every and, with trainer.save_final, at the end / on a stop ---
         from ..fault_tolerance.checkpoint import DurableCheckpointer
         self.checkpointer = DurableCheckpointer.build(self)
         if self.checkpointer is not None and self.step == 0:
@@ -270,7 +273,9 @@ class Trainer:
             stop = packed[3:4].clone()
             if self.dp_size != self.env.world_size:  # metrics are replicated over tp; the stop flag is not
                 stop = all_reduce_sum(stop.to(self.env.device), None).cpu()
-            self.stop_requested = self.stop_agreed = bool(stop[0] > 0)
+            # A request made after this step's flag was packed stays set: the next step's collective carries it.
+            self.stop_agreed = bool(stop[0] > 0)
+            self.stop_requested = self.stop_requested or self.stop_agreed
         step_time = time.perf_counter() - t0
         tokens = self.cfg.data.global_batch_size * self.cfg.data.seq_len
         tps = tokens / step_time
@@ -362,16 +367,24 @@ class Trainer:
                     history.append({"step": self.step, **m})
                 self.metrics.advance()
                 self.obs.switch("snapshot")  # counted in the next step's record (its phase times)
-                if self.ft is not None:
+                if self.ft is not None and not self.stop_agreed:  # stopping: the durable checkpoint below instead
                     self.ft.after_step(self)  # async snapshot of this step (after its world-wide collectives)
                 if self.checkpointer is not None:
                     self.checkpointer.after_step(self)  # durable checkpoint (async; blocks for the host copy only)
                 self.obs.switch(None)
                 if self.stop_agreed:
-                    log.warning("stop requested (SIGTERM): finished step %d cleanly and stopping", self.step)
                     break
             if self.co2 is not None:
                 self.co2.wait()  # the last round's all-reduce: no collective left in flight at exit
+            if self.checkpointer is not None and t.save_final:
+                self.final_checkpoint = self.checkpointer.save_final(self)  # committed when it returns
+            if self.stop_agreed:  # one line per rank (WARNING: ranks > 0 log warnings only)
+                where = (f"checkpoint written to {self.final_checkpoint}" if self.final_checkpoint else
+                         "no checkpoint written (" + ("trainer.save_final=false)" if not t.save_final else
+                                                      "durable checkpoints do not support this layout)"))
+                log.warning("%s: stopping at step %d, %s", self.stop_signal, self.step, where)
+            elif self.final_checkpoint is not None and self.env.is_main:
+                log.info("final checkpoint: step %d in %s", self.step, self.final_checkpoint)
         finally:
             self.obs.close()
             self.metrics.close()

@@ -187,13 +187,16 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
 
     ft = cfg.fault_tolerance
     for name in ("ep", "pp"):
-        if getattr(p, name) > 1 and (ft.snapshot_every > 0 or ft.checkpoint_dir):
+        if getattr(p, name) > 1 and (ft.snapshot_every > 0 or ft.checkpoint_dir or ft.checkpoint_every > 0
+                                     or t.resume_from or t.resume.value == "must"):
             # Snapshots and DCP checkpoints read one ZeroEngine's sharded state of the whole model. With expert
             # parallel the state is two engines' (dense over dp, experts over edp); with pipeline parallel each
             # stage holds part of the model and the manifest/resharding do not record stages yet.
             problems.append(f"parallel.{name}={getattr(p, name)} with fault_tolerance snapshots/checkpoints "
-                            f"(snapshot_every={ft.snapshot_every}, checkpoint_dir={ft.checkpoint_dir!r}) is not "
-                            f"supported yet: set fault_tolerance=none or parallel.{name}=1")
+                            f"(snapshot_every={ft.snapshot_every}, checkpoint_every={ft.checkpoint_every}, "
+                            f"checkpoint_dir={ft.checkpoint_dir!r}, trainer.resume={t.resume.value}, "
+                            f"trainer.resume_from={t.resume_from!r}) is not supported yet: set "
+                            f"fault_tolerance=none (and trainer.resume=auto, no resume_from) or parallel.{name}=1")
 
     from ..parallel.zero.config import validate as validate_zero
 
@@ -231,6 +234,9 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
     # Nodes for the erasure-coding groups: parallel.ranks_per_node, else (launcher) one node per job here;
     # the trainer re-checks with the resolved LOCAL_WORLD_SIZE.
     problems += validate_ft(cfg.fault_tolerance, world_size, p.ranks_per_node or world_size)
+    from ..fault_tolerance.resume import resume_problems
+
+    problems += resume_problems(cfg)  # trainer.resume=must / resume_from with nothing there: fail before torchrun
 
     _positive(problems, "optim.lr", o.lr)
     _positive(problems, "optim.min_lr", o.min_lr, allow_zero=True)
