@@ -12,7 +12,6 @@ ranks); four launches in two concurrent waves share every assertion:
           terminal: exit 130, one line per rank, no traceback, no snapshot manager replaced
 plus `trainer.resume=must` on a missing directory: refused by the launcher before torchrun, exit 2, the path named.
 """
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import torch
 
 from shardwise.fault_tolerance.checkpoint import load_model_state_dict
 from shardwise.fault_tolerance.resume import committed, latest_checkpoint, step_dir
-from shardwise.fault_tolerance.smp import clean_stale
+from shardwise.testing.jobs import job_env, kill_job, logged_losses
 
 STEPS, EVERY = 60, 20  # the signal comes right after step 3: ~57 steps of margin
 COMMON = ["recipe=tiny_dense", "data.seq_len=32", f"trainer.max_steps={STEPS}", "trainer.eval_every=0",
@@ -35,10 +34,7 @@ COMMON = ["recipe=tiny_dense", "data.seq_len=32", f"trainer.max_steps={STEPS}", 
 class Launch:
     def __init__(self, tmp: Path, name: str, *overrides: str, run_dir: str = ""):
         self.name, self.run_dir = name, tmp / (run_dir or name)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDWISE_FT_JOB_ID": f"t{os.getpid()}{name}"}
-        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHARDWISE_FT_SMPS",
-                  "SHARDWISE_FT_SECRET"):
-            env.pop(k, None)
+        env = job_env(OMP_NUM_THREADS="1", SHARDWISE_FT_JOB_ID=f"t{os.getpid()}{name}")
         self.out, self.err = open(tmp / f"{name}.out", "w+"), open(tmp / f"{name}.err", "w+")
         cmd = [sys.executable, "-m", "shardwise.launch", "--nproc-per-node=2", *COMMON, f"data.cache_dir={tmp / 'cache'}",
                f"run_dir={self.run_dir}", *overrides]
@@ -76,12 +72,7 @@ class Launch:
             return False
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        clean_stale(self.job, force=True)
+        kill_job(self.proc, self.job)
 
     @property
     def stdout(self) -> str:
@@ -94,11 +85,7 @@ class Launch:
         return self.err.read()
 
     def losses(self) -> dict[int, float]:
-        out = {}
-        for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            out[r["step"]] = r["loss"]  # a resumed run appends: the last record of a step wins
-        return out
+        return logged_losses(self.run_dir)  # a resumed run appends: the last record of a step wins
 
     def report(self) -> str:
         return f"{self.name} (exit {self.proc.returncode}):\n{self.stdout[-4000:]}\n--- stderr ---\n{self.stderr[-4000:]}"

@@ -19,10 +19,8 @@ Cases (all jobs of a wave run concurrently to keep the wall time down):
 Every launcher runs in its own session and is killed with its group in a finally; nothing of the job may be
 left in /dev/shm.
 """
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardwise.fault_tolerance.smp import clean_stale
+from shardwise.testing.jobs import job_env, kill_job, logged_losses
 from shardwise.fault_tolerance.shm_store import job_dirs
 
 # Several real torchrun jobs with kills and restarts (~3-4 minutes on 2 cores): opt-in, `pytest -m slow`.
@@ -72,10 +70,7 @@ PORT_RACE = "EADDRINUSE"
 class Job:
     def __init__(self, tmp: Path, name: str, nproc: int, overrides: list, env: dict):
         self.name, self.run_dir, self.tmp = name, tmp / name, tmp
-        full_env = {**os.environ, "SHARDWISE_SAVE_FINAL_STATE": "1", "OMP_NUM_THREADS": "1", **env}
-        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHARDWISE_FT_SMPS",
-                  "SHARDWISE_FT_SECRET"):
-            full_env.pop(k, None)
+        full_env = job_env(SHARDWISE_SAVE_FINAL_STATE="1", OMP_NUM_THREADS="1", **env)
         cmd = [sys.executable, "-m", "shardwise.launch", f"--nproc-per-node={nproc}", "--max-restarts=1",
                *COMMON, f"data.cache_dir={tmp / 'cache'}", *[o.format(run_dir=self.run_dir) for o in overrides],
                f"run_dir={self.run_dir}"]
@@ -108,13 +103,7 @@ class Job:
             self.kill()
 
     def kill(self) -> None:
-        # The launcher, its torchrun workers and SMPs share the launcher's session / process group.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        clean_stale(self.job, force=True)
+        kill_job(self.proc, self.job)
 
     @property
     def output(self) -> str:
@@ -122,11 +111,7 @@ class Job:
         return self.log.read()
 
     def losses(self) -> dict[int, float]:
-        out = {}
-        for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            out[r["step"]] = r["loss"]  # a restarted run appends: the last record of a step wins
-        return out
+        return logged_losses(self.run_dir)  # a restarted run appends: the last record of a step wins
 
 
 class SlurmJob(Job):
