@@ -168,7 +168,10 @@ def start_hang_watchdog(cfg, world: Optional[int]):
         return None
     from pathlib import Path
 
-    from .fault_tolerance.watchdog import HangWatchdog
+    from .fault_tolerance.watchdog import FR_BUFFER_SIZE, HangWatchdog
+    # The workers inherit it: torch's flight recorder then keeps each process group's last collectives, which
+    # the watchdog has every rank dump next to its stack (run_dir/flight_recorder).
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(FR_BUFFER_SIZE))
     if world is None:  # elastic world size: the heartbeat files say who is there
         world = 0
     return HangWatchdog.start(Path(cfg.run_dir), world, cfg.trainer.hang_timeout_s)

@@ -44,7 +44,7 @@ def test_v2_lite_and_qwen_moe_shapes(recipe, total, active):
     (["parallel.ep=4", "trainer.eval_iters=6"], 4, None),
     (["model.moe.first_dense_layers=4"], 2, "makes every layer dense"),
     (["fault_tolerance=snapshots", "fault_tolerance.snapshot_every=1"], 2,
-     "parallel.ep=2 with fault_tolerance snapshots/checkpoints (snapshot_every=1, checkpoint_dir=None) is not supported yet"),
+     "parallel.ep=2 with fault_tolerance snapshots/checkpoints (snapshot_every=1, checkpoint_every=0, checkpoint_dir=None, trainer.resume=auto, trainer.resume_from=None) is not supported yet"),
     (["model.moe.num_experts=6", "parallel.ep=4"], 4, "parallel.ep=4 must divide model.moe.num_experts=6"),
 ])
 def test_moe_validation(overrides, world, message):

@@ -149,6 +149,13 @@ def test_hang_ends_job_naming_rank_and_collective(tmp_path):
     assert not [r for r, b in beats.items() if _alive(b["pid"])], "a worker outlived the job"
     assert "_stall" in (run / "stacks" / f"rank{HANG_RANK}.txt").read_text()
     assert "Current thread" in (run / "stacks" / "rank0.txt").read_text()  # the waiting rank's stack too
+    # torch's flight recorder of both ranks: the waiting rank issued collectives past the hung rank's last one, and
+    # they are still in flight (not retired). Gloo records its reduce-scatter as all_reduce and never marks an
+    # entry started/completed, so the sequence ids and `retired` are what tell it here.
+    fr = {r: json.loads((run / "flight_recorder" / f"rank{r}.json").read_text())["entries"] for r in range(2)}
+    waiting, hung = fr[1 - HANG_RANK][-1], fr[HANG_RANK][-1]
+    assert waiting["collective_seq_id"] > hung["collective_seq_id"] and not waiting["retired"], (waiting, hung)
+    assert "flight recorder (2 rank(s))" in out, out[-4000:]
     assert leftover == [], leftover  # the snapshot managers removed their /dev/shm segments
 
 

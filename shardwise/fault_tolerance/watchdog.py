@@ -13,7 +13,10 @@ rank is still running (closed ranks left the loop), the job is hung. Then the wa
    entered (from the others' short histories); a rank whose heartbeat file stopped being written is dead or
    frozen (the heartbeat thread needs the GIL);
 2. asks every running rank of this host for its Python stacks (SIGUSR1: faulthandler into
-   <run_dir>/stacks/rank<r>.txt), waits `stack_wait_s`;
+   <run_dir>/stacks/rank<r>.txt) and, through the request file <run_dir>/heartbeats/flight_recorder.request
+   that each rank's heartbeat thread polls, for PyTorch's flight recorder (the process groups' last
+   collectives with their sequence ids and states, as torch records them for NCCL and gloo) into
+   <run_dir>/flight_recorder/rank<r>.json; waits `stack_wait_s`;
 3. writes the message to <run_dir>/hang.txt and as the job's error report (<run_dir>/logs/error.rank<r>.json,
    printed once by the launcher, shardwise.launch_failures), SIGKILLs every rank of this host, and the
    launcher exits with code 3 after torchrun returns (the snapshot managers are stopped on the way out).
@@ -34,6 +37,11 @@ from typing import Optional
 from ..errors import ShardwiseError, write_report
 
 HANG_EXIT_CODE = 3
+FR_REQUEST = "flight_recorder.request"  # in <run_dir>/heartbeats: "dump your flight recorder now"
+FR_DIR = "flight_recorder"  # in <run_dir>: rank<r>.json
+# Entries the flight recorder keeps per process group when hang detection is on (the launcher sets
+# TORCH_FR_BUFFER_SIZE for its workers unless the user did): a few steps of collectives, a few hundred KiB.
+FR_BUFFER_SIZE = 2000
 
 
 class HangError(ShardwiseError):
@@ -148,12 +156,19 @@ class HangWatchdog:
     def _end(self, hbs: dict[int, dict]) -> None:
         msg = diagnose(hbs, self.world, time.time(), stale_s=max(5.0, 5 * self.poll_s))
         local = [h for h in hbs.values() if h["host"] == socket.gethostname()]
+        try:
+            (self.run_dir / "heartbeats" / FR_REQUEST).touch()
+        except OSError:
+            pass
         for h in local:
             if h["state"] == "running":
                 _signal(h["pid"], signal.SIGUSR1)
         time.sleep(self.stack_wait_s)
+        dumps = sorted(p.name for p in (self.run_dir / FR_DIR).glob("rank*.json"))
         self.verdict = (f"hang: no rank made progress for {self.timeout_s:g}s (trainer.hang_timeout_s)\n{msg}\n"
-                        f"Python stacks of every rank: {self.run_dir / 'stacks'}/rank<r>.txt")
+                        f"Python stacks of every rank: {self.run_dir / 'stacks'}/rank<r>.txt"
+                        + (f"\nflight recorder ({len(dumps)} rank(s)): {self.run_dir / FR_DIR}/rank<r>.json" if dumps
+                           else ""))
         try:
             (self.run_dir / "hang.txt").write_text(self.verdict + "\n")
         except OSError:

@@ -11,7 +11,9 @@ that group when nobody is stuck) and keeps the last few in a short history. A da
 the cost is a dict update per collective, independent of how often the file is written.
 
 faulthandler is registered on SIGUSR1 into <run_dir>/stacks/rank<r>.txt, so the watchdog can ask every rank
-for its Python stacks before ending the job.
+for its Python stacks before ending the job. The same thread polls the watchdog's request file for PyTorch's
+flight recorder and writes its JSON dump to <run_dir>/flight_recorder/rank<r>.json: from a thread, because the
+main thread is the one stuck in the collective (c10d releases the GIL while it waits).
 
 Why files read by the launcher (shardwise.fault_tolerance.watchdog), not the snapshot manager's server: the
 SMPs run only when snapshots are on, while the launcher is there for every job, is outside the process groups,
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..comm import collectives as C
+from ..fault_tolerance.watchdog import FR_DIR, FR_REQUEST
 
 log = logging.getLogger("shardwise")
 HISTORY = 16  # collectives kept per rank: enough to name the one a lagging rank never entered
@@ -124,8 +127,32 @@ class Heartbeat:
             pass
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.write()
+        # The request is polled more often than the heartbeat is written: the watchdog waits only a couple of
+        # seconds for the dumps before it kills the ranks.
+        tick, next_beat, dumped = min(self.interval_s, 0.25), time.monotonic() + self.interval_s, False
+        while not self._stop.wait(tick):
+            if time.monotonic() >= next_beat:
+                self.write()
+                next_beat = time.monotonic() + self.interval_s
+            if not dumped and (self.dir / FR_REQUEST).exists():
+                dumped = True
+                self.dump_flight_recorder()
+
+    def dump_flight_recorder(self) -> Optional[Path]:
+        """<run_dir>/flight_recorder/rank<r>.json: torch's record of this process's recent collectives (empty
+        entries unless TORCH_FR_BUFFER_SIZE > 0, which shardwise-launch sets when hang detection is on)."""
+        try:
+            from torch._C._distributed_c10d import _dump_fr_trace_json
+            data = _dump_fr_trace_json(True, False)  # every recorded collective, not only the active ones
+            out = self.dir.parent / FR_DIR / f"rank{self.rank}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_bytes(data if isinstance(data, bytes) else str(data).encode())
+            os.replace(tmp, out)
+            return out
+        except (ImportError, OSError, RuntimeError) as e:  # a torch without it, or no process group left
+            log.warning("flight recorder dump failed on rank %d: %s", self.rank, e)
+            return None
 
     def close(self) -> None:
         """The rank left the training loop: the watchdog stops counting it (a long final step of rank 0 alone,
