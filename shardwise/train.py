@@ -91,10 +91,7 @@ def _run(overrides: Sequence[str], world: int, stop: dict) -> list[dict]:
         history = trainer.fit()
     finally:
         trainer.close()  # the process leaves with os._exit (no atexit): remove swap files here
-    if env.is_main and history:
-        last = history[-1]
-        log.info("done: step %d, loss %.4f, metrics in %s", last["step"], last["loss"], run_dir / "metrics.jsonl")
-    return history
+    return history  # the run summary (Trainer.fit) already named the last step, its loss and the files
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import os
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Optional, Union
+
+from ..choices import Choice
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class ResumeMode(Enum):
-    """``trainer.resume``: an Enum so that Hydra refuses any other value when the config is composed."""
+class ResumeMode(Choice):
+    """``trainer.resume``: a choice Enum (shardwise.choices) so that Hydra refuses any other value when the config
+    is composed, while it still compares equal to its string (``cfg.trainer.resume == "must"``)."""
 
     auto = "auto"
     never = "never"
