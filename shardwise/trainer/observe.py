@@ -105,7 +105,7 @@ class Observability:
         slot, _ = self.packed_group(group)
         row = [*self.timer.take().values(), time.perf_counter() - self._t0]
         buf = torch.zeros(self.world, len(row), dtype=torch.float32, device=self.device)
-        buf[slot] = torch.tensor(row, dtype=torch.float32)
+        buf[slot] = torch.tensor(row, dtype=torch.float32, device=self.device)
         self._view = True
         return [buf.flatten()]
 
@@ -127,7 +127,7 @@ class Observability:
         if self._view is None:
             return packed
         n = self.world * (len(PHASES) + 1)
-        view = torch.empty(self.world, len(PHASES) + 1, dtype=torch.float64)
+        view = torch.empty(self.world, len(PHASES) + 1, dtype=torch.float64, device=packed.device)
         view[self.packed_group(group)[1]] = packed[-n:].view(self.world, -1).double()  # slot order -> global rank
         self._view = view
         return packed[:-n]
