@@ -39,7 +39,7 @@ setup(
     entry_points={
         "console_scripts": [
             "shardwise-launch=shardwise.launch:main",
-            "shardwise-validate=shardwise.validate:main",
+            "shardwise-validate=shardwise.recipe_check:main",
             "shardwise-export=shardwise.export:main",
             "shardwise-generate=shardwise.generate:main",
         ]

@@ -42,8 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
-from shardwise.comm import netperf  # noqa: E402
-from shardwise.comm.emulated_cluster import (  # noqa: E402
+from shardwise.cluster import netperf  # noqa: E402
+from shardwise.cluster.emulated_cluster import (  # noqa: E402
     ClusterJob, EmulatedCluster, EmulationError, cleanup_stale, parse_rate_mbit, signals_raise_exit, tbf_params, unavailable_reason,
 )
 

@@ -182,7 +182,7 @@ def _checked_with_torch(argv: list[str], overrides: list[str], cfg):
     validation for the world size, the memory budget, the device and the checkpoint space."""
     from .parallel.share import check_memory_budget
     from .preflight import check_checkpoint_space, check_device
-    from .trainer.validate import validate_config
+    from .trainer.config_checks import validate_config
 
     torchrun, _ = split_args(argv)
     args = build_torchrun_args([*torchrun, *overrides])

@@ -17,7 +17,7 @@ from .trainer.compose import compose_config, to_yaml
 from .trainer.distributed import init_distributed, shutdown, world_from_env
 from .parallel.share import check_memory_budget
 from .trainer import rank_logs
-from .trainer.validate import validate_config
+from .trainer.config_checks import validate_config
 
 log = logging.getLogger("shardwise")
 

@@ -13,7 +13,7 @@ from shardwise.models import build_model
 from shardwise.models.checkpointing import parse_activation_checkpointing, set_activation_checkpointing
 from shardwise.testing import run_distributed
 from shardwise.trainer.compose import compose_config
-from shardwise.trainer.validate import ConfigError, validate_config
+from shardwise.trainer.config_checks import ConfigError, validate_config
 
 from shardwise.testing.tolerance import AUX_ATOL, LOSS_ATOL, LOSS_RTOL, assert_params_close
 

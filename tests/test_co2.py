@@ -33,7 +33,7 @@ STEPS = 4
 def _engine(stage, seed, node_group, moe=True):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import optim_config, tiny_config
+    from shardwise.testing.zero_reference import optim_config, tiny_config
     return ZeroEngine(build_model(tiny_config(moe=moe), seed), ZeroConfig(stage=stage), optim_config(),
                       levels=[node_group], dp_group=node_group, ranks_per_node=2, device="cpu", level_names=["node"])
 
@@ -44,8 +44,8 @@ def _co2(engine, inter, **kw):
 
 
 def _run(rank, world, stage, cfg_kw, steps, sgd=True, grad_clip=0.0, groups=None, seed=0, probe=None, schedule=None):
-    from shardwise.parallel.co2.testing import node_train, use_sgd
-    from shardwise.parallel.zero.testing import tiny_config
+    from shardwise.testing.co2_reference import node_train, use_sgd
+    from shardwise.testing.zero_reference import tiny_config
     node_g, inter_g = groups
     e = _engine(stage, seed, node_g)
     if sgd:
@@ -58,8 +58,8 @@ def _run(rank, world, stage, cfg_kw, steps, sgd=True, grad_clip=0.0, groups=None
 
 
 def _workers(rank, world):
-    from shardwise.parallel.co2.testing import node_train
-    from shardwise.parallel.zero.testing import make_levels, tiny_config
+    from shardwise.testing.co2_reference import node_train
+    from shardwise.testing.zero_reference import make_levels, tiny_config
     node_g, inter_g = make_levels(rank, world, [2, 2])
     groups = (node_g, inter_g)
     out = {}
@@ -107,8 +107,8 @@ def _workers(rank, world):
 
 def test_co2_invariants():
     from shardwise.parallel.co2 import CO2Config
-    from shardwise.parallel.co2.testing import reference_co2, reference_sgd
-    from shardwise.parallel.zero.testing import optim_config, tiny_config
+    from shardwise.testing.co2_reference import reference_co2, reference_sgd
+    from shardwise.testing.zero_reference import optim_config, tiny_config
     res = run_distributed(_workers, 4, timeout=240)
     mcfg = tiny_config(moe=True)
     # Every rank of both nodes ends on the same anchor (the nodes agree after each round).

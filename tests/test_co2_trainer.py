@@ -43,7 +43,7 @@ def _summary(tr, hist):
 
 def test_co2_config_errors():
     from shardwise.trainer.compose import compose_config
-    from shardwise.trainer.validate import ConfigError, validate_config
+    from shardwise.trainer.config_checks import ConfigError, validate_config
 
     def problems(world, *extra):
         cfg, _ = compose_config(["recipe=tiny_moe_co2", *extra])

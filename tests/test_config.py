@@ -6,8 +6,8 @@ import pytest
 
 from shardwise.launch import build_torchrun_args, split_args
 from shardwise.trainer.compose import available_recipes, compose_config
-from shardwise.trainer.validate import ConfigError, validate_config
-from shardwise.validate import main as validate_main
+from shardwise.trainer.config_checks import ConfigError, validate_config
+from shardwise.recipe_check import main as validate_main
 
 
 def compose_and_validate(*overrides, world=2):

@@ -1,4 +1,4 @@
-"""Tests for the emulated multi-node cluster (shardwise.comm.emulated_cluster) and the bench harness.
+"""Tests for the emulated multi-node cluster (shardwise.cluster.emulated_cluster) and the bench harness.
 
 The cluster tests need root and ``ip netns``; they are skipped with the computed reason
 elsewhere. They bring up real namespaces with tbf-shaped veths, push real TCP and gloo
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench import harness  # noqa: E402
-from shardwise.comm import netperf  # noqa: E402
-from shardwise.comm.emulated_cluster import (  # noqa: E402
+from shardwise.cluster import netperf  # noqa: E402
+from shardwise.cluster.emulated_cluster import (  # noqa: E402
     ClusterJob, EmulatedCluster, list_namespaces, parse_rate_mbit, substitute, tbf_params, unavailable_reason,
 )
 

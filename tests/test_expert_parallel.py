@@ -28,7 +28,7 @@ WORLD = 4
 
 
 def model_config(kind: str):
-    from shardwise.parallel.zero.testing import tiny_config
+    from shardwise.testing.zero_reference import tiny_config
     mcfg = tiny_config(moe=True)
     moe = mcfg.moe
     if kind == "capacity":
@@ -43,7 +43,7 @@ def train(model, engine, mcfg, dp_rank: int, dp_size: int, dp_group, micro: int 
     for the single-process reference (torch AdamW + clip_grad_norm_), else a (MoE)ZeroEngine. Returns
     (losses, grad norms, dropped fraction per step)."""
     from shardwise.models.moe import update_expert_bias
-    from shardwise.parallel.zero.testing import MAX_STEPS, global_batches, optim_config
+    from shardwise.testing.zero_reference import MAX_STEPS, global_batches, optim_config
     from shardwise.trainer.optim import build_optimizer, build_scheduler
 
     oc = optim_config()
@@ -105,7 +105,7 @@ def _run(rank, world, names):
     from shardwise.parallel.parallelize import full_state_dict
     from shardwise.parallel.zero import ZeroConfig
     from shardwise.parallel.zero.experts import MoEZeroEngine, edp_levels
-    from shardwise.parallel.zero.testing import optim_config
+    from shardwise.testing.zero_reference import optim_config
     from shardwise.trainer.config import ParallelConfig
 
     from shardwise.testing.ablation import ablate
@@ -168,7 +168,7 @@ def _dp(pkw) -> int:
 
 
 def _compare(got, ref, name):
-    from shardwise.parallel.zero.testing import MAX_STEPS, optim_config
+    from shardwise.testing.zero_reference import MAX_STEPS, optim_config
     assert_series_close(got["losses"], ref["losses"], f"{name} losses")
     assert_series_close(got["norms"], ref["norms"], f"{name} grad norms")
     torch.testing.assert_close(torch.tensor(got["dropped"]), torch.tensor(ref["dropped"]), rtol=0, atol=1e-7)

@@ -9,7 +9,7 @@ from shardwise.parallel.moe_estimate import estimate, report
 from shardwise.parallel.zero.experts import edp_levels
 from shardwise.trainer.compose import compose_config
 from shardwise.trainer.config import ParallelConfig
-from shardwise.trainer.validate import ConfigError, validate_config
+from shardwise.trainer.config_checks import ConfigError, validate_config
 
 
 @pytest.mark.parametrize("recipe, world, ep", [("mixtral_8x7b_64gpu", 64, 4), ("deepseek_moe_16b_64gpu", 64, 8),

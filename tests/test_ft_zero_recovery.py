@@ -26,7 +26,7 @@ K, M, SNAP_STEP, STEPS = 2, 1, 2, 5
 def _engine(seed, offload=None):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import optim_config, tiny_config
+    from shardwise.testing.zero_reference import optim_config, tiny_config
     return ZeroEngine(build_model(tiny_config(moe=False), seed), ZeroConfig(stage=3, quantize_gradients="int8"), optim_config(),
                       levels=[dist.group.WORLD], dp_group=dist.group.WORLD, ranks_per_node=1, device="cpu",
                       offload=offload, rank=dist.get_rank())
@@ -36,7 +36,7 @@ def _rank(rank, world, ports, pids, offloads=(None, None)):
     from shardwise.fault_tolerance.recovery import ec_groups, fetch_rank_blob, find_restorable_step, group_of
     from shardwise.fault_tolerance.smp_client import SMPClient, SMPError
     from shardwise.fault_tolerance.snapshot import SnapshotEngine, load_blob, tensors_from_zero_state, zero_state_from
-    from shardwise.parallel.zero.testing import engine_train, tiny_config
+    from shardwise.testing.zero_reference import engine_train, tiny_config
     mcfg = tiny_config(moe=False)
     groups = ec_groups(world, 1, K, M)
     clients = {n: SMPClient("127.0.0.1", p, timeout=20) for n, p in enumerate(ports)}

@@ -310,7 +310,7 @@ def _sharded_init_worker(rank, world, path, layout):
     from shardwise.models.hf_init import HFInit
     from shardwise.parallel import ParallelDims, build_data_parallel, full_state_dict, parallelize_model
     from shardwise.parallel.zero import ZeroConfig
-    from shardwise.parallel.zero.testing import optim_config
+    from shardwise.testing.zero_reference import optim_config
     from shardwise.trainer.config import ParallelConfig
     from shardwise.trainer.trainer import _rank_size
 

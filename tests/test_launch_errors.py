@@ -173,7 +173,7 @@ def test_known_error_families():
     from shardwise.fault_tolerance.checkpoint import CheckpointError
     from shardwise.offload.config import OffloadConfigError
     from shardwise.trainer.data import DataError
-    from shardwise.trainer.validate import ConfigError
+    from shardwise.trainer.config_checks import ConfigError
 
     for exc, kind in ((ConfigError("c"), "config"), (DataError("d"), "data"), (CheckpointError("k"), "checkpoint"),
                       (OffloadConfigError("o"), "config")):

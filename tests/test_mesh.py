@@ -4,7 +4,7 @@ import pytest
 from shardwise.parallel import ParallelDims
 from shardwise.testing import run_distributed
 from shardwise.trainer.config import ParallelConfig
-from shardwise.trainer.validate import ConfigError
+from shardwise.trainer.config_checks import ConfigError
 
 
 def dims(world, rpn=None, **kw):

@@ -12,7 +12,7 @@ from torch import nn
 from shardwise.models import build_meta_model, build_model
 from shardwise.models.init import ParamInit
 from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-from shardwise.parallel.zero.testing import global_batches, optim_config, tiny_config
+from shardwise.testing.zero_reference import global_batches, optim_config, tiny_config
 
 
 def _meta_like(shape, tp_dim=None):
@@ -98,7 +98,7 @@ def test_meta_shares_match_the_estimate_and_the_budget_is_enforced(capsys):
     from shardwise.parallel.moe_estimate import estimate
     from shardwise.parallel.share import rank_shares
     from shardwise.trainer.compose import compose_config
-    from shardwise.validate import main
+    from shardwise.recipe_check import main
 
     cfg, _ = compose_config(["recipe=mixtral_8x7b_64gpu"])
     shares = rank_shares(cfg, 64)

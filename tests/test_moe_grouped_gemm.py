@@ -117,7 +117,7 @@ def test_misaligned_moe_layer_matches_by_hand(hidden, width):
 def test_misaligned_config_validates_and_trains(caplog, tmp_path):
     from shardwise.models import build_model
     from shardwise.trainer.compose import compose_config
-    from shardwise.trainer.validate import validate_config
+    from shardwise.trainer.config_checks import validate_config
 
     cfg, _ = compose_config(["recipe=tiny_moe", "model.hidden_size=42", "model.num_heads=3", "model.num_kv_heads=1",
                              "model.moe.expert_ffn_hidden_size=30", f"data.cache_dir={tmp_path}"])

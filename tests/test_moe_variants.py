@@ -182,7 +182,7 @@ def test_parameter_counts_of_new_recipes(recipe):
 ])
 def test_validator_names_the_new_fields(overrides, match):
     from shardwise.trainer.compose import compose_config
-    from shardwise.trainer.validate import ConfigError, validate_config
+    from shardwise.trainer.config_checks import ConfigError, validate_config
 
     cfg, _ = compose_config(["recipe=tiny_deepseek_v3", *overrides])
     with pytest.raises(ConfigError, match=match):

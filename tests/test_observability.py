@@ -161,7 +161,7 @@ def test_hang_ends_job_naming_rank_and_collective(tmp_path):
 
 def test_bad_observability_config_is_one_clear_error():
     from shardwise.trainer.compose import compose_config
-    from shardwise.trainer.validate import ConfigError, validate_config
+    from shardwise.trainer.config_checks import ConfigError, validate_config
 
     cfg, _ = compose_config(["recipe=tiny_dense", "trainer.straggler_factor=1.0", "trainer.profile_steps=[3]",
                              "trainer.hang_timeout_s=-1", "fault_tolerance.inject.slow_phase=fwd",

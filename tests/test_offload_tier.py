@@ -145,7 +145,7 @@ def _bf16_engines(rank, world, nvme):
     import torch.distributed as dist
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import engine_train, optim_config, tiny_config
+    from shardwise.testing.zero_reference import engine_train, optim_config, tiny_config
     mcfg = tiny_config(moe=True)
     out = []
     for off in (None, OffloadConfig(optimizer="nvme", params="nvme", nvme_path=nvme, sub_group_numel=2048,

@@ -15,7 +15,7 @@ SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_z
 def _run(rank, world, configs):
     from shardwise.parallel.pipeline import runner as runner_mod
     from shardwise.parallel.pipeline import stages as stages_mod
-    from shardwise.parallel.pipeline.testing import pipeline_train
+    from shardwise.testing.pipeline_reference import pipeline_train
 
     from shardwise.parallel.mesh import ParallelDims
     from shardwise.trainer.config import ParallelConfig
@@ -96,13 +96,13 @@ def runs():
 
 @pytest.fixture(scope="module")
 def references():
-    from shardwise.parallel.pipeline.testing import pp_config
-    from shardwise.parallel.zero.testing import reference_train
+    from shardwise.testing.pipeline_reference import pp_config
+    from shardwise.testing.zero_reference import reference_train
     return {(moe, n): reference_train(pp_config(moe), n) for moe in (False, True) for n in (4, 8)}
 
 
 def _compare(res, ref, key):
-    from shardwise.parallel.zero.testing import MAX_STEPS, optim_config
+    from shardwise.testing.zero_reference import MAX_STEPS, optim_config
     ref_losses, ref_norms, ref_params = ref
     assert_series_close(res["losses"], ref_losses, f"{key} losses")
     assert_series_close(res["norms"], ref_norms, f"{key} grad norms")

@@ -45,7 +45,7 @@ def test_stage_without_layer_is_a_clear_error():
 
 
 def test_layer_costs_and_make_partition():
-    from shardwise.parallel.pipeline.testing import pp_config
+    from shardwise.testing.pipeline_reference import pp_config
     cfg = pp_config(moe=True, layers=6)
     cfg.moe.first_dense_layers = 2
     costs, emb, head = layer_costs(cfg, 64)
@@ -66,7 +66,7 @@ def test_stage_placement():
 
 def test_config_validation_names_the_field():
     from shardwise.trainer.config import ShardwiseConfig
-    from shardwise.trainer.validate import ConfigError, validate_config
+    from shardwise.trainer.config_checks import ConfigError, validate_config
 
     def check(match, **parallel):
         cfg = ShardwiseConfig()
@@ -92,7 +92,7 @@ def test_schedule_micro_batch_rules_fail_at_config_time():
     """torch's schedules' own rules (1F1B: micro-batches >= stages; interleaved: a multiple of the rounds
     of pp) are config errors, raised before any process group exists."""
     from shardwise.trainer.config import ShardwiseConfig
-    from shardwise.trainer.validate import ConfigError, validate_config
+    from shardwise.trainer.config_checks import ConfigError, validate_config
 
     def cfg(global_batch, schedule, virtual=1):
         c = ShardwiseConfig()
@@ -115,9 +115,9 @@ def test_schedule_micro_batch_rules_fail_at_config_time():
 def test_tied_embeddings_are_refused_clearly():
     from shardwise.models import build_model
     from shardwise.parallel.pipeline import plan_pipeline
-    from shardwise.parallel.pipeline.testing import pp_config
+    from shardwise.testing.pipeline_reference import pp_config
     from shardwise.trainer.config import ParallelConfig, ShardwiseConfig
-    from shardwise.trainer.validate import ConfigError, validate_config
+    from shardwise.trainer.config_checks import ConfigError, validate_config
 
     cfg = pp_config(moe=False, layers=4)
     cfg.tie_embeddings = True
@@ -132,7 +132,7 @@ def test_tied_embeddings_are_refused_clearly():
 def test_plan_keeps_only_this_ranks_layers():
     from shardwise.models import build_model
     from shardwise.parallel.pipeline import plan_pipeline
-    from shardwise.parallel.pipeline.testing import pp_config
+    from shardwise.testing.pipeline_reference import pp_config
     from shardwise.trainer.config import ParallelConfig
 
     model = build_model(pp_config(moe=False, layers=8), 0)

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- readme-test: run -->"
-ENTRY = {"shardwise-launch": "shardwise.launch", "shardwise-validate": "shardwise.validate",
+ENTRY = {"shardwise-launch": "shardwise.launch", "shardwise-validate": "shardwise.recipe_check",
          "shardwise-export": "shardwise.export", "shardwise-generate": "shardwise.generate"}
 CHEAP = ("shardwise-validate", "scripts/preprocess_data.py")
 TINY = ["trainer.max_steps=2", "trainer.eval_every=0", "data.seq_len=32", "data.global_batch_size=4",

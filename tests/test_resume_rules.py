@@ -4,7 +4,7 @@ import pytest
 
 from shardwise.fault_tolerance.resume import ResumeError, ResumeMode, checkpoint_dir, prune, resolve, step_dir
 from shardwise.trainer.compose import compose_config
-from shardwise.trainer.validate import ConfigError, validate_config
+from shardwise.trainer.config_checks import ConfigError, validate_config
 
 
 def _cfg(*overrides):

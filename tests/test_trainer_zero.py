@@ -5,7 +5,7 @@ import pytest
 
 from shardwise.testing import run_distributed
 from shardwise.trainer.compose import compose_config
-from shardwise.trainer.validate import ConfigError, validate_config
+from shardwise.trainer.config_checks import ConfigError, validate_config
 
 from shardwise.testing.tolerance import AUX_ATOL, assert_params_close, assert_series_close, expect_mismatch
 

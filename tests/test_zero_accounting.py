@@ -20,7 +20,7 @@ B = 256  # quant_block_size
 def _bytes_run(rank, world, sizes, configs):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import engine_train, make_levels, tiny_config, optim_config
+    from shardwise.testing.zero_reference import engine_train, make_levels, tiny_config, optim_config
 
     levels = make_levels(rank, world, sizes)
     out = {}
@@ -150,7 +150,7 @@ def test_byte_volumes_follow_the_dtypes(byte_runs):
 def _memory_run(rank, world, sizes, configs):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import engine_train, make_levels, tiny_config, optim_config
+    from shardwise.testing.zero_reference import engine_train, make_levels, tiny_config, optim_config
 
     levels = make_levels(rank, world, sizes)
     out = {}

@@ -36,7 +36,7 @@ def _ef_probe(rank, world, levels):
     identity's max error and both averaged errors relative to |S| (max over ranks)."""
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import global_batches, optim_config, tiny_config
+    from shardwise.testing.zero_reference import global_batches, optim_config, tiny_config
 
     class NoErrorFeedback(ZeroEngine):
         error_feedback = False
@@ -74,7 +74,7 @@ def _ef_probe(rank, world, levels):
 def _run(rank, world, sizes, configs, ef_probe=False):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import engine_train, make_levels, tiny_config, optim_config
+    from shardwise.testing.zero_reference import engine_train, make_levels, tiny_config, optim_config
     from shardwise.testing.ablation import ablate
 
     levels = make_levels(rank, world, sizes)
@@ -139,7 +139,7 @@ def _configs_8():
 @pytest.fixture(scope="module")
 def references():
     """references[(world, kind)], computed on first use."""
-    from shardwise.parallel.zero.testing import reference_train, tiny_config
+    from shardwise.testing.zero_reference import reference_train, tiny_config
 
     class Lazy(dict):
         def __missing__(self, key):
@@ -168,7 +168,7 @@ def runs():
 
 
 def _check(res, ref, key):
-    from shardwise.parallel.zero.testing import MAX_STEPS, optim_config
+    from shardwise.testing.zero_reference import MAX_STEPS, optim_config
     ref_losses, ref_norms, ref_params = ref
     assert_series_close(res["losses"], ref_losses, f"{key} losses")
     assert_series_close(res["norms"], ref_norms, f"{key} grad norms")

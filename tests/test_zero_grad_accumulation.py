@@ -26,14 +26,14 @@ CONFIGS = {"s2": {"stage": 2}, "s3": {"stage": 3},  # auto = inner at 2 x 2
 
 
 def _mcfg():
-    from shardwise.parallel.zero.testing import tiny_config
+    from shardwise.testing.zero_reference import tiny_config
     return dataclasses.replace(tiny_config(moe=False), num_layers=LAYERS)
 
 
 def _run(rank, world, keys):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import engine_train, make_levels, optim_config
+    from shardwise.testing.zero_reference import engine_train, make_levels, optim_config
 
     levels = make_levels(rank, world, [2, 2])
     out = {}
@@ -100,7 +100,7 @@ def test_bytes_per_level_follow_accumulation_mode(runs):
 
 
 def test_losses_match_reference(runs):
-    from shardwise.parallel.zero.testing import reference_train
+    from shardwise.testing.zero_reference import reference_train
     ref, _, _ = reference_train(_mcfg(), 4 * MICRO, steps=STEPS)
     for key in CONFIGS:
         if "qg" in key:

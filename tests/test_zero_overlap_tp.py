@@ -9,7 +9,7 @@ from shardwise.testing import run_distributed
 def _overlap(rank, world):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import global_batches, make_levels, optim_config, tiny_config
+    from shardwise.testing.zero_reference import global_batches, make_levels, optim_config, tiny_config
     mcfg = tiny_config(moe=False)
     levels = make_levels(rank, world, [2, 2])
     e = ZeroEngine(build_model(mcfg, 0), ZeroConfig(stage=3, prefetch_units=1, secondary_partition_level="node"),
@@ -45,7 +45,7 @@ def test_prefetch_and_early_reduce():
 def _clip_tp(rank, world):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import global_batches, optim_config, tiny_config
+    from shardwise.testing.zero_reference import global_batches, optim_config, tiny_config
     # 4 ranks = dp 2 x tp 2 (tp innermost); the model is replicated over tp (no real sharding), so
     # declaring layers.0 "tp-sharded" must count its squares twice and everything else once.
     tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -64,7 +64,7 @@ def _clip_tp(rank, world):
 
 def test_clip_norm_counts_tp_sharded_squares_over_tp():
     from shardwise.models import build_model
-    from shardwise.parallel.zero.testing import global_batches, tiny_config
+    from shardwise.testing.zero_reference import global_batches, tiny_config
     mcfg = tiny_config(moe=False)
     m = build_model(mcfg, 0)
     for b in global_batches(0, 2, mcfg.vocab_size):
@@ -79,7 +79,7 @@ def test_clip_norm_counts_tp_sharded_squares_over_tp():
 def _tp_partial_run(rank, world):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import global_batches, optim_config, tiny_config
+    from shardwise.testing.zero_reference import global_batches, optim_config, tiny_config
     # dp 2 x tp 2 where every rank sees a different micro-batch: gradients of `tp_partial` parameters
     # (here the norm weights, as under sequence parallel) must be summed over tp after the dp reduction.
     tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -98,7 +98,7 @@ def _tp_partial_run(rank, world):
 
 def test_tp_partial_gradients_summed_over_tp():
     from shardwise.models import build_model
-    from shardwise.parallel.zero.testing import global_batches, tiny_config
+    from shardwise.testing.zero_reference import global_batches, tiny_config
     mcfg = tiny_config(moe=False)
     per_batch = []
     for b in global_batches(0, 4, mcfg.vocab_size):
@@ -119,7 +119,7 @@ def _checkpointed(rank, world):
 
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine, default_units
-    from shardwise.parallel.zero.testing import engine_train, make_levels, optim_config, tiny_config
+    from shardwise.testing.zero_reference import engine_train, make_levels, optim_config, tiny_config
 
     class Recompute(torch.nn.Module):
         def __init__(self, inner):

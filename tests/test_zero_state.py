@@ -15,7 +15,7 @@ QG_BF16 = {"stage": 3, "quantize_gradients": "int8", "param_dtype": "bf16", "red
 def _engine(cfg_kw, seed, levels, world, moe=True):
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import optim_config, tiny_config
+    from shardwise.testing.zero_reference import optim_config, tiny_config
     return ZeroEngine(build_model(tiny_config(moe=moe), seed), ZeroConfig(**cfg_kw), optim_config(), levels=levels,
                       dp_group=dist.group.WORLD, ranks_per_node=2, device="cpu")
 
@@ -23,7 +23,7 @@ def _engine(cfg_kw, seed, levels, world, moe=True):
 def _continues_identically(kw, moe, rank, world, levels):
     """Train 2 steps, save this rank's sharded state, load it into a fresh engine (other init), train both to
     step 5: (bit-identical?, the state dict, bit-identical when the state's qgZ residuals are left out?)."""
-    from shardwise.parallel.zero.testing import engine_train, tiny_config
+    from shardwise.testing.zero_reference import engine_train, tiny_config
     mcfg = tiny_config(moe=moe)
     a = _engine(kw, 0, levels, world, moe)
     engine_train(a, mcfg, rank, world, 2, steps=2)
@@ -38,7 +38,7 @@ def _continues_identically(kw, moe, rank, world, levels):
 
 
 def _four_ranks(rank, world):
-    from shardwise.parallel.zero.testing import engine_train, make_levels, tiny_config
+    from shardwise.testing.zero_reference import engine_train, make_levels, tiny_config
     mcfg = tiny_config(moe=True)
     levels = make_levels(rank, world, [2, 2])
     kw = {"stage": 3, "secondary_partition_level": "node"}
@@ -59,7 +59,7 @@ def _four_ranks(rank, world):
 
 
 def _two_ranks(rank, world, old_sds, full):
-    from shardwise.parallel.zero.testing import engine_train, tiny_config
+    from shardwise.testing.zero_reference import engine_train, tiny_config
     mcfg = tiny_config(moe=True)
     e = _engine({"stage": 1}, 7, [dist.group.WORLD], world)
     e.load_sharded_state_dict(old_sds)  # resharding: 4 old ZeRO-3 shards -> 2 new ZeRO-1 shards
@@ -72,7 +72,7 @@ def _two_ranks(rank, world, old_sds, full):
 
 
 def test_sharded_and_full_state_dicts():
-    from shardwise.parallel.zero.testing import MAX_STEPS, optim_config, reference_train, tiny_config
+    from shardwise.testing.zero_reference import MAX_STEPS, optim_config, reference_train, tiny_config
     res = run_distributed(_four_ranks, 4, timeout=120)
     sds, full = [r[0] for r in res], res[0][1]
     assert all(r[2] for r in res), "reloading a rank's own sharded state dict must continue bit-identically"

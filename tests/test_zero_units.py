@@ -8,7 +8,7 @@ from shardwise.models import build_model
 from shardwise.parallel.zero import ZeroConfig, default_units, validate
 from shardwise.parallel.zero.layout import FlatLayout
 from shardwise.parallel.zero.quant import QMAX, dequantize, packed_size, quantize
-from shardwise.parallel.zero.testing import tiny_config
+from shardwise.testing.zero_reference import tiny_config
 
 
 def test_validate_names_the_field():

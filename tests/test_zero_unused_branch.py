@@ -106,7 +106,7 @@ def _run(rank, world, configs):
     import torch.distributed as dist
 
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import engine_train, optim_config, tiny_config
+    from shardwise.testing.zero_reference import engine_train, optim_config, tiny_config
 
     mcfg = tiny_config(moe=False)  # only its vocab_size reaches the batches; ours ignore it
     mine = batches(0, world * MICRO, VOCAB)[rank * MICRO:(rank + 1) * MICRO]
@@ -121,7 +121,7 @@ def _run(rank, world, configs):
 
 @pytest.fixture(scope="module")
 def runs():
-    from shardwise.parallel.zero.testing import reference_train, tiny_config
+    from shardwise.testing.zero_reference import reference_train, tiny_config
 
     ref = reference_train(tiny_config(moe=False), 2 * MICRO, model=build(), batches=batches)
     got = run_distributed(_run, 2, CONFIGS, timeout=180)
@@ -138,7 +138,7 @@ def test_the_batches_leave_an_expert_without_gradient_on_one_rank_only(runs):
 
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_matches_single_process_with_an_unused_expert(runs, key):
-    from shardwise.parallel.zero.testing import MAX_STEPS, optim_config
+    from shardwise.testing.zero_reference import MAX_STEPS, optim_config
 
     (ref_losses, ref_norms, ref_params), got = runs
     run = got[0][key]

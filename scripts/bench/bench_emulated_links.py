@@ -24,8 +24,8 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # harness + shardwise from a p
 
 from harness import Variant, run_benchmark  # noqa: E402
 
-from shardwise.comm import netperf  # noqa: E402
-from shardwise.comm.emulated_cluster import (  # noqa: E402
+from shardwise.cluster import netperf  # noqa: E402
+from shardwise.cluster.emulated_cluster import (  # noqa: E402
     EmulatedCluster, parse_rate_mbit, signals_raise_exit, tbf_params, unavailable_reason,
 )
 

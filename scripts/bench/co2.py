@@ -44,7 +44,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]  # harness + shardwise from a plain checko
 
 from harness import Variant, run_benchmark  # noqa: E402
 
-from shardwise.comm.emulated_cluster import unavailable_reason  # noqa: E402
+from shardwise.cluster.emulated_cluster import unavailable_reason  # noqa: E402
 
 LAYOUTS = {"co2": ["co2=default", "co2.local_steps={tau}", "zero.stage=3", "parallel.dp_node={nproc}"],
            "co2_nolag": ["co2=default", "co2.local_steps={tau}", "co2.overlap=false", "zero.stage=3",

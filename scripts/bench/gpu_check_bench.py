@@ -126,7 +126,7 @@ def run(ctx, d: dict) -> dict:
     from shardwise.trainer.compose import compose_config
     from shardwise.trainer.distributed import init_distributed
     from shardwise.trainer.metrics import peak_tflops
-    from shardwise.trainer.validate import validate_config
+    from shardwise.trainer.config_checks import validate_config
 
     steps, warmup, repeats = (1, 1, 1) if ctx.smoke else (2, 1, 4)
     base = ["recipe=tiny_dense", f"data.cache_dir={ctx.cache}", f"trainer.max_steps={steps * (warmup + repeats)}",

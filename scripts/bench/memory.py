@@ -94,7 +94,7 @@ def shardwise_worker(rank, world, overrides, run_dir):
     from shardwise.trainer.compose import compose_config
     from shardwise.trainer.distributed import init_distributed
     from shardwise.trainer.trainer import Trainer
-    from shardwise.trainer.validate import validate_config
+    from shardwise.trainer.config_checks import validate_config
 
     cfg, _ = compose_config(overrides)
     validate_config(cfg, world)

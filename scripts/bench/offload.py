@@ -126,7 +126,7 @@ def sw_run(rank, world, ovr, run_dir) -> dict:
     from shardwise.trainer.compose import compose_config
     from shardwise.trainer.distributed import init_distributed
     from shardwise.trainer.trainer import Trainer
-    from shardwise.trainer.validate import validate_config
+    from shardwise.trainer.config_checks import validate_config
 
     cfg, _ = compose_config(ovr)
     validate_config(cfg, world)

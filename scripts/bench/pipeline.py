@@ -37,7 +37,7 @@ def _worker(rank, world, m, a):
     from shardwise.parallel.parallelize import parallelize_model
     from shardwise.parallel.pipeline import PipelineRunner, build_pipeline_data_parallel
     from shardwise.parallel.zero import ZeroConfig
-    from shardwise.parallel.zero.testing import global_batches, optim_config
+    from shardwise.testing.zero_reference import global_batches, optim_config
     from shardwise.trainer.config import ModelConfig, ParallelConfig
 
     mcfg = ModelConfig(name="bench", vocab_size=512, hidden_size=a.hidden, num_layers=a.layers, num_heads=4,

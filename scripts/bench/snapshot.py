@@ -50,7 +50,7 @@ def _engine(a, seed=0):
 
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
-    from shardwise.parallel.zero.testing import optim_config
+    from shardwise.testing.zero_reference import optim_config
     return ZeroEngine(build_model(_model_cfg(a), seed), ZeroConfig(stage=3), optim_config(),
                       levels=[dist.group.WORLD], dp_group=dist.group.WORLD, ranks_per_node=1, device="cpu")
 
@@ -65,7 +65,7 @@ def _worker(rank, world, variant, a, ports, smp_pids, tmp):
     from shardwise.fault_tolerance.snapshot import (SnapshotEngine, capture_rng_state, load_blob,
                                                     tensors_from_zero_state, zero_state_from)
     from shardwise.parallel.zero.state import sharded_state_dict
-    from shardwise.parallel.zero.testing import global_batches
+    from shardwise.testing.zero_reference import global_batches
 
     engine, mcfg = _engine(a), _model_cfg(a)
     snap = pending = None

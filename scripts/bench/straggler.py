@@ -42,7 +42,7 @@ def _worker(rank, world, a, run_dir):
     from shardwise.trainer.compose import compose_config
     from shardwise.trainer.distributed import init_distributed
     from shardwise.trainer.trainer import Trainer
-    from shardwise.trainer.validate import validate_config
+    from shardwise.trainer.config_checks import validate_config
 
     common = [f"recipe={a.recipe}", f"trainer.max_steps={a.steps + a.warmup}", "trainer.eval_every=0",
               "logging.progress_bar=false", "logging.console=false", f"data.seq_len={a.seq}",

@@ -69,7 +69,7 @@ def _worker(rank, world, variant, a):
 
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine, default_level_names
-    from shardwise.parallel.zero.testing import global_batches, make_levels, optim_config, pattern_batches
+    from shardwise.testing.zero_reference import global_batches, make_levels, optim_config, pattern_batches
 
     sizes = [int(x) for x in a.levels.split(",")]
     levels = make_levels(rank, world, sizes)

@@ -108,7 +108,7 @@ def ds_worker(rank: int, world: int, variant: str, a) -> dict:
     import torch.distributed as dist
 
     from shardwise.models import build_model
-    from shardwise.parallel.zero.testing import global_batches, optim_config, pattern_batches
+    from shardwise.testing.zero_reference import global_batches, optim_config, pattern_batches
     from shardwise.trainer.optim import build_optimizer
     from zero import _model_cfg
 

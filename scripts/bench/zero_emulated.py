@@ -49,7 +49,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]  # harness + shardwise from a plain checko
 
 from harness import Variant, run_benchmark  # noqa: E402
 
-from shardwise.comm.emulated_cluster import unavailable_reason  # noqa: E402
+from shardwise.cluster.emulated_cluster import unavailable_reason  # noqa: E402
 
 LAYOUTS = {"flat": ["zero.stage=3", "parallel.dp_node=1"],
            "hier": ["zero.stage=3", "parallel.dp_node={nproc}"],

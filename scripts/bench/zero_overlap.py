@@ -83,7 +83,7 @@ def worker(a) -> None:
     from shardwise.models import build_model
     from shardwise.parallel.zero import ZeroConfig, ZeroEngine
     from shardwise.parallel.zero.comm import Topology
-    from shardwise.parallel.zero.testing import global_batches, make_levels, optim_config
+    from shardwise.testing.zero_reference import global_batches, make_levels, optim_config
     from shardwise.trainer.config import ModelConfig
 
     Topology.overlap_levels = a.overlap == "on"
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(a)
         return 0
     from harness import Variant, run_benchmark
-    from shardwise.comm.emulated_cluster import unavailable_reason
+    from shardwise.cluster.emulated_cluster import unavailable_reason
     reason = unavailable_reason()
     if reason:
         print(f"error: {reason}", file=sys.stderr)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from ..trainer.config import ParallelConfig
-from ..trainer.validate import ConfigError, node_fit_problems, parallel_layout
+from ..trainer.config_checks import ConfigError, node_fit_problems, parallel_layout
 
 MESH_DIMS = ("pp", "dp_inter", "dp_node", "dp_pair", "tp")  # outermost first, as DeviceMesh wants
 DP_LEVELS = ("dp_pair", "dp_node", "dp_inter")  # innermost first

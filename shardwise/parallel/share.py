@@ -126,7 +126,7 @@ def check_memory_budget(cfg, world_size: int) -> None:
     the shares: a few seconds for a 64-rank layout). No-op without a budget."""
     if cfg.trainer.memory_budget_gib <= 0:
         return
-    from ..trainer.validate import ConfigError
+    from ..trainer.config_checks import ConfigError
     problem = budget_problem(cfg, rank_shares(cfg, world_size))
     if problem:
         raise ConfigError(problem)

@@ -16,7 +16,7 @@ from ..parallel.parallelize import full_state_dict
 from ..parallel.pipeline import PipelineModel, PipelineRunner, build_pipeline_data_parallel
 from ..parallel.zero.config import resolve_precision
 from .config import ShardwiseConfig
-from .validate import ConfigError
+from .config_checks import ConfigError
 
 
 class PipelineStep:

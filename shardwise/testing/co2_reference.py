@@ -8,12 +8,12 @@ from typing import Callable, Optional
 
 import torch
 
-from ...comm import collectives as C
-from ...models import build_model
-from ...trainer.config import ModelConfig
-from ...trainer.optim import build_optimizer, build_scheduler
-from ..zero.testing import optim_config, pattern_batches
-from .config import CO2Config, outer_momentum
+from ..comm import collectives as C
+from ..models import build_model
+from ..trainer.config import ModelConfig
+from ..trainer.optim import build_optimizer, build_scheduler
+from .zero_reference import optim_config, pattern_batches
+from ..parallel.co2.config import CO2Config, outer_momentum
 
 
 def use_sgd(engine, lr: float) -> None:

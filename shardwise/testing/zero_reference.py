@@ -10,11 +10,11 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ...comm import collectives as C
-from ...models import build_model
-from ...trainer.config import ModelConfig, MoEConfig, OptimConfig
-from ...trainer.optim import build_optimizer, build_scheduler
-from ...testing.tolerance import EQUIV_ADAM_EPS
+from ..comm import collectives as C
+from ..models import build_model
+from ..trainer.config import ModelConfig, MoEConfig, OptimConfig
+from ..trainer.optim import build_optimizer, build_scheduler
+from .tolerance import EQUIV_ADAM_EPS
 
 MAX_STEPS = 5
 

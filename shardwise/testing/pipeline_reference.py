@@ -1,5 +1,5 @@
 """Test helpers: train a pipelined (x tensor parallel x ZeRO data parallel) tiny model on the same global
-batches as `shardwise.parallel.zero.testing.reference_train`, and gather what the tests compare."""
+batches as `shardwise.testing.zero_reference.reference_train`, and gather what the tests compare."""
 from __future__ import annotations
 
 import time
@@ -7,21 +7,21 @@ from typing import Optional
 
 import torch
 
-from ...comm import collectives as C
-from ...models import build_model
-from ...trainer.config import ModelConfig, MoEConfig, ParallelConfig
-from ...trainer.optim import build_scheduler
-from ..mesh import ParallelDims
-from ..parallelize import full_state_dict, parallelize_model
-from ..zero import ZeroConfig
-from ..zero.testing import MAX_STEPS, global_batches, optim_config
-from .runner import PipelineRunner, build_pipeline_data_parallel
+from ..comm import collectives as C
+from ..models import build_model
+from ..trainer.config import ModelConfig, MoEConfig, ParallelConfig
+from ..trainer.optim import build_scheduler
+from ..parallel.mesh import ParallelDims
+from ..parallel.parallelize import full_state_dict, parallelize_model
+from ..parallel.zero import ZeroConfig
+from .zero_reference import MAX_STEPS, global_batches, optim_config
+from ..parallel.pipeline.runner import PipelineRunner, build_pipeline_data_parallel
 
 MICRO, SEQ = 2, 16  # global_batches' micro-batch size and sequence length
 
 
 def pp_config(moe: bool, layers: int = 8, hidden: int = 32) -> ModelConfig:
-    """Like zero.testing.tiny_config but deeper (stages need layers) and untied."""
+    """Like zero_reference.tiny_config but deeper (stages need layers) and untied."""
     return ModelConfig(name="tiny_pp_moe" if moe else "tiny_pp", vocab_size=96, hidden_size=hidden, num_layers=layers,
                        num_heads=4, ffn_hidden_size=64, max_seq_len=64, tie_embeddings=False,
                        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=32) if moe else MoEConfig())

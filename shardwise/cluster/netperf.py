@@ -1,6 +1,6 @@
 """Minimal iperf-like TCP throughput probe in pure Python (stdlib only).
 
-Why it exists: the emulated cluster (:mod:`shardwise.comm.emulated_cluster`) claims that
+Why it exists: the emulated cluster (:mod:`shardwise.cluster.emulated_cluster`) claims that
 links between "nodes" run at a configured rate while traffic inside a node runs at full
 speed. This module measures that claim with real TCP traffic, without installing iperf.
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from .models import count_parameters, flops_per_token
 from .parallel.share import budget_problem, describe, rank_shares
 from .trainer.compose import compose_config, to_yaml
-from .trainer.validate import ConfigError, dp_size, parallel_layout, validate_config
+from .trainer.config_checks import ConfigError, dp_size, parallel_layout, validate_config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
