@@ -106,7 +106,9 @@ def _steps(rank, world, runs, run_dir):
     return {"runs": out, "caught": caught}
 
 
-RUNS = {"dense": ["zero.stage=2"], "pipeline": ["parallel.pp=2", "zero.stage=1", "parallel.pp_schedule=1f1b"]}
+RUNS = {"dense": ["zero.stage=2"], "pipeline": ["parallel.pp=2", "zero.stage=1", "parallel.pp_schedule=1f1b"],
+        "tp_sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "zero.stage=1"],
+        "ep": ["parallel.ep=2", "zero.stage=1"]}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,9 @@ def test_the_probe_catches_a_tensor_built_without_a_device(step_calls):
 
 
 @pytest.mark.parametrize("case, sites", [
-    ("dense", {"shardwise.trainer.distributed:all_reduce_sum", "shardwise.parallel.zero.comm:reduce_scatter"}),
+    ("dense", {"shardwise.trainer.distributed:all_reduce_sum", "shardwise.comm.group:reduce_scatter"}),
+    ("tp_sp", {"shardwise.parallel.tensor_parallel:_gather", "shardwise.parallel.tensor_parallel:_reduce_scatter"}),
+    ("ep", {"shardwise.parallel.expert_parallel:forward", "shardwise.parallel.expert_parallel:dispatch"}),
     # the bubble metric and the cross-stage clipping norm are the pipeline's own collectives
     ("pipeline", {"shardwise.parallel.pipeline.runner:bubble_fraction",
                   "shardwise.parallel.pipeline.runner:clip_grad_norm_",
@@ -138,3 +142,18 @@ def test_trainer_step_collectives_get_device_tensors(step_calls, case, sites):
         bad = [c for c in run["calls"] if set(c[1]) != {"cpu"}]
         assert not bad, bad
         assert run["metrics"]["loss"] > 0
+
+
+def test_tp_and_ep_traffic_is_in_comm_bytes(step_calls):
+    """The layers' collectives are counted (comm_bytes.tp / comm_bytes.ep, formulas in
+    shardwise.comm.accounting; tests/test_comm_accounting.py checks them on a known layer) and added to the
+    link classes; runs without tp/ep traffic report none."""
+    for case, key in (("tp_sp", "comm_bytes.tp"), ("ep", "comm_bytes.ep")):
+        for run in step_calls[0][case]:
+            m = run["metrics"]
+            assert m[key] > 0, (case, m)
+            zero = sum(v for k, v in m.items() if k.startswith(("comm_bytes.level.", "comm_bytes.group.")))
+            assert m["comm_bytes.total"] == pytest.approx(zero + m[key]), m
+            assert m["comm_bytes.intra"] == pytest.approx(m["comm_bytes.total"])  # one node: all intra
+    for run in step_calls[0]["dense"]:
+        assert "comm_bytes.tp" not in run["metrics"] and "comm_bytes.ep" not in run["metrics"]

@@ -15,6 +15,12 @@ Object collectives (all_gather_object, broadcast_object_list) take Python object
 pickles to the right device itself, so they pass through unchecked; they are here so that every
 collective of the package goes through one module.
 
+Byte accounting (shardwise.comm.accounting): `count_group(group, label, counter, ranks_per_node)` makes
+every tensor collective on that group charge its bytes (the formulas of accounting's docstring) to
+`counter` under `label` and the group's link class. The trainer counts its `tp` and `ep` groups this way
+(`comm_bytes.tp`, `comm_bytes.ep`); ZeRO and CO2 charge through their own `Group` objects
+(shardwise.comm.group) and pass `count=False` so no byte is charged twice.
+
 Tests: `record()` collects (collective, backend, device types, call site) of every checked call, and
 `_backend_of` / `DEVICE_BACKENDS` are what a test patches to make a gloo group look like NCCL
 (tests/test_collectives.py).
@@ -28,6 +34,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from .accounting import ByteCounter, sent_bytes, spans_nodes
 
 ReduceOp = dist.ReduceOp
 
@@ -60,6 +68,39 @@ group). shardwise.trainer.hang installs one: the heartbeat's "last collective en
 numbers. One attribute test per collective when unset."""
 
 
+@dataclass
+class _Counted:
+    label: str
+    size: int
+    index: int  # this rank's index in the group
+    spans_nodes: bool
+    counter: ByteCounter
+
+
+_counted: dict = {}  # group object -> _Counted
+
+
+def _key(group):
+    return dist.group.WORLD if group is None else group
+
+
+def count_group(group, label: str, counter: ByteCounter, ranks_per_node: int) -> None:
+    """Charge every tensor collective on `group` (None = the default group) to `counter` under `label`."""
+    ranks = dist.get_process_group_ranks(_key(group))
+    _counted[_key(group)] = _Counted(label, len(ranks), dist.get_rank(group), spans_nodes(ranks, ranks_per_node),
+                                     counter)
+
+
+def uncount_group(group) -> None:
+    _counted.pop(_key(group), None)
+
+
+def _charge(name: str, group, out: torch.Tensor, inp: Optional[torch.Tensor] = None, in_splits=None) -> None:
+    c = _counted.get(_key(group)) if _counted else None
+    if c is not None and c.size > 1:
+        c.counter.add(c.label, sent_bytes(name, c.size, out, inp, in_splits, c.index), c.spans_nodes)
+
+
 def _backend_of(group) -> str:
     """The backend name of `group` (None = the default group). Tests patch this."""
     return dist.get_backend(group)
@@ -88,10 +129,14 @@ def _site() -> str:
     return f"{f.f_globals.get('__name__', '?')}:{f.f_code.co_name}" if f is not None else "?"
 
 
-def check(name: str, group, tensors: Sequence[torch.Tensor]) -> None:
-    """Raise CollectiveDeviceError when `group`'s backend needs a device type some tensor is not on."""
+def _observe(name: str, group) -> None:
     if observer is not None:
         observer(name, group)
+
+
+def check(name: str, group, tensors: Sequence[torch.Tensor]) -> None:
+    """Raise CollectiveDeviceError when `group`'s backend needs a device type some tensor is not on."""
+    _observe(name, group)
     backend, need = _info(group)
     if _records is not None:
         _records.append(Call(name, backend, tuple(t.device.type for t in tensors), _site()))
@@ -116,50 +161,58 @@ def record() -> Iterator[list[Call]]:
 
 
 # ---------------------------------------------------------------- the wrappers (torch.distributed's signatures)
-def all_reduce(t: torch.Tensor, op=ReduceOp.SUM, group=None, async_op: bool = False):
+def all_reduce(t: torch.Tensor, op=ReduceOp.SUM, group=None, async_op: bool = False, count: bool = True):
     check("all_reduce", group, (t,))
+    if count:
+        _charge("all_reduce", group, t)
     return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
 
-def all_gather_single(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False):
+def all_gather_single(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False,
+                      count: bool = True):
     """All-gather `inp` of every rank into `out` (rank order along dim 0)."""
     check("all_gather_single", group, (out, inp))
+    if count:
+        _charge("all_gather_single", group, out, inp)
     return _all_gather_single(out, inp, group=group, async_op=async_op)
 
 
 def reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor, op=ReduceOp.SUM, group=None,
-                          async_op: bool = False):
+                          async_op: bool = False, count: bool = True):
     """Reduce `inp` over the group; rank r receives chunk r (dim 0) in `out`."""
     check("reduce_scatter_single", group, (out, inp))
+    if count:
+        _charge("reduce_scatter_single", group, out, inp)
     return _reduce_scatter_single(out, inp, op=op, group=group, async_op=async_op)
 
 
 def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, output_split_sizes=None, input_split_sizes=None,
-                      group=None, async_op: bool = False):
+                      group=None, async_op: bool = False, count: bool = True):
     check("all_to_all_single", group, (out, inp))
+    if count:
+        _charge("all_to_all_single", group, out, inp, input_split_sizes)
     return dist.all_to_all_single(out, inp, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
 
-def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
+def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False, count: bool = True):
     check("broadcast", group, (t,))
+    if count:
+        _charge("broadcast", group, t)
     return dist.broadcast(t, src, group=group, async_op=async_op)
 
 
 def barrier(group=None) -> None:
-    if observer is not None:
-        observer("barrier", group)
+    _observe("barrier", group)
     dist.barrier(group=group)
 
 
 def all_gather_object(objs: list, obj, group=None) -> None:
-    if observer is not None:
-        observer("all_gather_object", group)
+    _observe("all_gather_object", group)
     dist.all_gather_object(objs, obj, group=group)
 
 
 def broadcast_object_list(objs: list, src: int = 0, group=None) -> None:
-    if observer is not None:
-        observer("broadcast_object_list", group)
+    _observe("broadcast_object_list", group)
     dist.broadcast_object_list(objs, src=src, group=group)
 
 

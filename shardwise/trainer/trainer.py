@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..comm import collectives as C
+from ..comm.accounting import ByteCounter
 from ..models import build_meta_model, count_parameters, flops_per_token
 from ..models.init import ParamInit
 from ..models.checkpointing import set_activation_checkpointing
@@ -69,6 +71,15 @@ class Trainer:
         # The layout: every group comes from here. Ranks of one dp rank (its tp ranks) see the same data.
         self.dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.local_world_size).build_mesh(env.device.type)
         self.dp_group, self.tp_group = self.dims.group("dp"), self.dims.group("tp")
+        # Traffic of the model's own collectives (TP/SP layers, vocab-parallel loss, MoE TP regions: `tp`;
+        # expert all-to-alls: `ep`), counted at the collective layer; ZeRO/CO2 count theirs themselves.
+        self.layer_bytes = ByteCounter()
+        self._counted_groups = []
+        for label in ("tp", "ep"):
+            g = self.dims.group(label)
+            if g is not None and _rank_size(g)[1] > 1:
+                C.count_group(g, label, self.layer_bytes, self.dims.ranks_per_node)
+                self._counted_groups.append(g)
         self.dp_rank, self.dp_size = self.dims.my_coords["dp"], self.dims.dp
 
         # The model on the meta device (no memory), cut to this rank's part (pipeline stage, tp and ep slices);
@@ -203,6 +214,7 @@ class Trainer:
         """One optimizer step over the global batch; returns metrics (identical on every rank)."""
         t0 = time.perf_counter()
         self.obs.begin_step(self.step + 1)
+        self.layer_bytes.reset()  # this step's traffic only (not evaluation's, nor a probe's before it)
         self.obs.switch("data")
         self.engine.train()
         micro_batches = [self._to_device(b) for b in self.data.next_step()]
@@ -305,6 +317,9 @@ class Trainer:
             for k, v in self.co2.comm_bytes().items():
                 m[f"comm_bytes.{k}"] = m.get(f"comm_bytes.{k}", 0.0) + v
             m.update(self.co2.metrics())  # co2_outer_norm, co2_staleness_gap (the last round's)
+        # + the layers' tp/ep traffic (forward and backward of this step): comm_bytes.tp, comm_bytes.ep
+        for k, v in self.layer_bytes.snapshot().items():
+            m[f"comm_bytes.{k}"] = m.get(f"comm_bytes.{k}", 0.0) + v
         if self.pipeline is not None:
             m.update(self.pipeline.metrics())  # pp_bubble_mean / pp_bubble_max
         m.update(self._offload_metrics())
@@ -324,7 +339,10 @@ class Trainer:
         return {"offload_read_gbps": rate("bytes_read", "read_s"), "offload_write_gbps": rate("bytes_written", "write_s")}
 
     def close(self) -> None:
-        """Release what outlives fit(): the offload tier's I/O threads and swap files."""
+        """Release what outlives fit(): the offload tier's I/O threads and swap files, the byte counters."""
+        for g in self._counted_groups:
+            C.uncount_group(g)
+        self._counted_groups = []
         self.engine.close()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

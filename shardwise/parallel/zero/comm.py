@@ -1,8 +1,6 @@
 """Collectives of the ZeRO engine with byte accounting, and the data-parallel level topology.
 
-Byte convention (per rank, bytes this rank *sends*, ring algorithms; g = group size, N = bytes of the
-collective's full buffer): all-gather into N bytes and reduce-scatter of N bytes: (g-1)/g * N each;
-all-reduce of N bytes: 2 (g-1)/g * N; all-to-all of N bytes: (g-1)/g * N. Groups of size 1 send nothing.
+Byte convention: shardwise.comm.accounting (the counter and the groups live in shardwise.comm).
 Every collective is charged to its group's label (`level.<name>` for a data-parallel level, `group.dp`,
 `group.tp`), and to `inter` when the group's ranks sit on more than one node (nodes = consecutive blocks
 of `ranks_per_node` global ranks), else to `intra`; `total` = inter + intra.
@@ -10,84 +8,14 @@ of `ranks_per_node` global ranks), else to `intra`; `total` = inter + intra.
 from __future__ import annotations
 
 import math
-from collections import defaultdict, deque
+from collections import deque
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from ...comm import collectives as C
+from ...comm.accounting import ByteCounter  # noqa: F401  (re-exported)
+from ...comm.group import Group, _Done, group_size  # noqa: F401  (re-exported)
 from . import quant
-
-
-def group_size(group) -> int:
-    return dist.get_world_size(group) if group is not None or dist.is_initialized() else 1
-
-
-class ByteCounter:
-    """Bytes sent per label and per link class; `snapshot()` gives a copy, `reset()` clears."""
-
-    def __init__(self):
-        self.counts: dict[str, float] = defaultdict(float)
-
-    def add(self, label: str, nbytes: float, spans_nodes: bool) -> None:
-        self.counts[label] += nbytes
-        self.counts["inter" if spans_nodes else "intra"] += nbytes
-        self.counts["total"] += nbytes
-
-    def snapshot(self) -> dict[str, float]:
-        out = {"inter": 0.0, "intra": 0.0, "total": 0.0}
-        out.update(self.counts)
-        return out
-
-    def reset(self) -> None:
-        self.counts = defaultdict(float)
-
-
-class _Done:
-    """The handle of a collective that needed no communication (a group of one rank)."""
-
-    def wait(self) -> None:
-        pass
-
-    def is_completed(self) -> bool:
-        return True
-
-
-class Group:
-    """A process group with its accounting label, size, this rank's index in it and whether it spans nodes.
-    `group=None` without an initialised process group is a group of one (a single-process run)."""
-
-    def __init__(self, group, label: str, ranks_per_node: int, counter: ByteCounter):
-        self.pg, self.label, self.counter = group, label, counter
-        alone = group is None and not dist.is_initialized()
-        self.size = 1 if alone else dist.get_world_size(group)
-        self.rank = 0 if alone else dist.get_rank(group)
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.size))
-        self.spans_nodes = len({r // max(1, ranks_per_node) for r in ranks}) > 1
-        self.account = True
-
-    def _charge(self, nbytes: float) -> None:
-        if self.account and self.size > 1:
-            self.counter.add(self.label, nbytes, self.spans_nodes)
-
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
-        self._charge((self.size - 1) * inp.numel() * inp.element_size())
-        return C.all_gather_single(out, inp, group=self.pg, async_op=async_op)
-
-    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
-        self._charge((self.size - 1) * out.numel() * out.element_size())
-        return C.reduce_scatter_single(out, inp, group=self.pg, async_op=async_op)
-
-    def all_reduce(self, t: torch.Tensor, async_op: bool = False):
-        if self.size == 1:  # nothing to sum (also the path of a single process without a process group)
-            return _Done() if async_op else None
-        self._charge(2 * (self.size - 1) / self.size * t.numel() * t.element_size())
-        return C.all_reduce(t, group=self.pg, async_op=async_op)
-
-    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
-        self._charge((self.size - 1) / self.size * inp.numel() * inp.element_size())
-        return C.all_to_all_single(out, inp, group=self.pg, async_op=async_op)
 
 
 class Topology:
