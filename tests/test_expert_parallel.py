@@ -101,8 +101,7 @@ ABLATED = {"ep2-ablate-missing_reduction": ("dropless", dict(ep=2), dict(stage=2
 def _run(rank, world, names):
     from shardwise.models import build_model
     from shardwise.parallel import ParallelDims, parallelize_model
-    from shardwise.parallel.expert_parallel import full_model_state_dict, load_full_model_state_dict
-    from shardwise.parallel.parallelize import full_state_dict
+    from shardwise.parallel.state_dict import full_model_state_dict, full_state_dict, load_full_model_state_dict
     from shardwise.parallel.zero import ZeroConfig
     from shardwise.parallel.zero.experts import MoEZeroEngine, edp_levels
     from shardwise.testing.zero_reference import optim_config

@@ -145,7 +145,7 @@ def _parallel_worker(rank, world, dirs, layout):
         with torch.no_grad():
             logits = model(TOKENS[rows]).logits
         if ep is not None:
-            from shardwise.parallel.expert_parallel import full_model_state_dict
+            from shardwise.parallel.state_dict import full_model_state_dict
             state = full_model_state_dict(model, tp, ep)
         else:
             state = full_state_dict(model, tp_group=tp)

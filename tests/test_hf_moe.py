@@ -250,7 +250,7 @@ def _parallel_worker(rank, world, dirs, layouts, out_dir):
     TP=2 x EP=2 also export straight from the split model, tensor by tensor (rank 0 writes, 30 KB shards)."""
     from shardwise.models.hf_io import load_hf_into_model, save_model_as_hf
     from shardwise.parallel import ParallelDims, parallelize_model
-    from shardwise.parallel.expert_parallel import full_model_state_dict
+    from shardwise.parallel.state_dict import full_model_state_dict
     from shardwise.trainer.config import ParallelConfig
 
     out = {}

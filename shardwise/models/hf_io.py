@@ -166,10 +166,10 @@ def load_hf_into_model(model: nn.Module, path: Union[str, Path], tp_group=None, 
             raise HFConversionError(f"{Path(path) / 'config.json'} gives model.{field}={want!r} but the model was "
                                     f"built with {have!r}")
     if ep_group is not None:  # routed experts are split over ep on dim 0 as well
-        from ..parallel.expert_parallel import load_full_model_state_dict
+        from ..parallel.state_dict import load_full_model_state_dict
         load_full_model_state_dict(model, state, tp_group, ep_group)
     else:
-        from ..parallel.parallelize import load_full_state_dict
+        from ..parallel.state_dict import load_full_state_dict
         load_full_state_dict(model, state, tp_group=tp_group)
     return cfg
 
@@ -190,7 +190,7 @@ def save_model_as_hf(model: nn.Module, path: Union[str, Path], tp_group=None, ep
         raise HFConversionError(f"model has tensors with no HF {hf_model_type(cfg)} equivalent: {unused}")
     experts = set()
     if ep_group is not None:
-        from ..parallel.expert_parallel import expert_param_names
+        from ..parallel.state_dict import expert_param_names
         experts = set(expert_param_names(model))
 
     def fetch(name: str) -> torch.Tensor:

@@ -7,8 +7,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "ParallelDims": ".mesh",
-    "full_state_dict": ".parallelize",
-    "load_full_state_dict": ".parallelize",
+    "full_state_dict": ".state_dict",
+    "load_full_state_dict": ".state_dict",
     "parallelize_model": ".parallelize",
     "build_data_parallel": ".data_parallel",
 }

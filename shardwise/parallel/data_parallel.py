@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mesh import DP_LEVELS, ParallelDims
+from .mesh import DP_LEVELS, LEVEL_NAMES, ParallelDims  # noqa: F401  (LEVEL_NAMES re-exported)
 from .zero import ZeroConfig, ZeroEngine
 
-LEVEL_NAMES = ["pair", "node", "inter"]  # what zero.secondary_partition_level names (DP_LEVELS without dp_)
 
 
 def build_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConfig, optim_cfg,

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ..comm import collectives as C
-from ..models.moe import GroupedExperts, LocalDispatcher, MoELayer
-from .tensor_parallel import _gather, _rank, _size, mark_sharded
+from ..models.moe import LocalDispatcher, MoELayer
+from .tensor_parallel import _rank, _size, mark_sharded
 
 
 class _AllToAll(torch.autograd.Function):
@@ -107,13 +107,6 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def expert_param_names(model: nn.Module) -> list[str]:
-    """Names of the routed experts' parameters (split over ep; ZeRO-sharded over edp). Shared experts
-    and the router are not among them: they are replicated over ep like any dense weight."""
-    ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
-    return [n for n, p in model.named_parameters() if id(p) in ids]
-
-
 def apply_expert_parallel(model: nn.Module, group) -> None:
     """Keep this rank's contiguous block of E/ep routed experts in every MoE layer (after tensor parallel,
     whose `tp_shard_dim` marker is kept) and swap in the all-to-all dispatcher over `group`."""
@@ -129,39 +122,6 @@ def apply_expert_parallel(model: nn.Module, group) -> None:
             dim = getattr(full, "tp_shard_dim", None)
             setattr(ex, name, mark_sharded(part, dim) if dim is not None else part)
         moe.dispatcher = AllToAllDispatcher(group, moe.num_experts)
-
-
-@torch.no_grad()
-def gather_experts(state: dict[str, torch.Tensor], model: nn.Module, ep_group) -> dict[str, torch.Tensor]:
-    """`state` with every routed-expert tensor all-gathered over ep along the expert dim (collective
-    over ep_group; all ranks of it must call). Other entries are returned as they are."""
-    if _size(ep_group) == 1:
-        return dict(state)
-    names = set(expert_param_names(model))
-    return {k: (_gather(v, ep_group, 0) if k in names else v) for k, v in state.items()}
-
-
-@torch.no_grad()
-def full_model_state_dict(model: nn.Module, tp_group=None, ep_group=None) -> dict[str, torch.Tensor]:
-    """Single-device state dict of a TP- and EP-split model (no ZeRO), on every rank."""
-    from .parallelize import full_state_dict
-    return gather_experts(full_state_dict(model, tp_group), model, ep_group)
-
-
-def ep_slice(full: torch.Tensor, ep_group) -> torch.Tensor:
-    """This ep rank's block of a full expert tensor (dim 0 = experts)."""
-    n = full.shape[0] // _size(ep_group)
-    r = _rank(ep_group)
-    return full[r * n:(r + 1) * n]
-
-
-@torch.no_grad()
-def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor], tp_group=None,
-                               ep_group=None) -> None:
-    """Load a single-device state dict into a TP/EP-split model (each rank copies its slices). Local."""
-    from .parallelize import load_full_state_dict
-    names = set(expert_param_names(model))
-    load_full_state_dict(model, {k: (ep_slice(v, ep_group) if k in names else v) for k, v in state.items()}, tp_group)
 
 
 def ep_group_of(model: nn.Module) -> Optional[object]:

@@ -29,6 +29,7 @@ from ..trainer.config_checks import ConfigError, node_fit_problems, parallel_lay
 
 MESH_DIMS = ("pp", "dp_inter", "dp_node", "dp_pair", "tp")  # outermost first, as DeviceMesh wants
 DP_LEVELS = ("dp_pair", "dp_node", "dp_inter")  # innermost first
+LEVEL_NAMES = ["pair", "node", "inter"]  # what zero.secondary_partition_level names (DP_LEVELS without dp_)
 
 
 @dataclass

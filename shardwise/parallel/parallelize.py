@@ -7,9 +7,6 @@ local head counts and widths from the (sharded) weight shapes.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
-
-import torch
 from torch import nn
 
 from ..models.layers import Attention, RMSNorm, SwiGLU
@@ -146,38 +143,3 @@ def _block_tp(block, group, sp: bool) -> None:
     else:
         _check_divides(tp, "model.ffn_hidden_size", block.mlp.w1.out_features)
         _swiglu_tp(block.mlp, group, sp, in_region=False)
-
-
-@torch.no_grad()
-def full_state_dict(model: nn.Module, tp_group=None, local: Optional[dict[str, torch.Tensor]] = None
-                    ) -> dict[str, torch.Tensor]:
-    """The single-device state dict of a (possibly TP-sharded) model, on every tp rank: sharded
-    parameters (`tp_shard_dim`) are all-gathered over tp. `local`: this rank's state dict to gather
-    instead of the module's own tensors (e.g. the ZeRO engine's gathered fp32 masters, since stage 3
-    frees the module's parameters); same keys. Collective over tp_group."""
-    from .tensor_parallel import _gather
-
-    out = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        dim = getattr(t, "tp_shard_dim", None)
-        t = (local[key] if local is not None else t).detach()
-        out[key] = (_gather(t, tp_group, dim) if dim is not None else t).clone()
-    return out
-
-
-@torch.no_grad()
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], tp_group=None) -> None:
-    """Load a single-device state dict into a (possibly TP-sharded) model: each rank copies its
-    slice of the sharded parameters. Local; no communication."""
-    own = model.state_dict(keep_vars=True)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-    for key, t in own.items():
-        full = state[key]
-        dim = getattr(t, "tp_shard_dim", None)
-        part = shard(full, tp_group, dim) if dim is not None else full
-        if part.shape != t.shape:
-            raise ValueError(f"{key}: full shape {tuple(full.shape)} gives a slice {tuple(part.shape)} but this rank "
-                             f"holds {tuple(t.shape)}")
-        t.copy_(part)

@@ -12,7 +12,8 @@ from ..models import build_model
 from ..trainer.config import ModelConfig, MoEConfig, ParallelConfig
 from ..trainer.optim import build_scheduler
 from ..parallel.mesh import ParallelDims
-from ..parallel.parallelize import full_state_dict, parallelize_model
+from ..parallel.parallelize import parallelize_model
+from ..parallel.state_dict import full_state_dict
 from ..parallel.zero import ZeroConfig
 from .zero_reference import MAX_STEPS, global_batches, optim_config
 from ..parallel.pipeline.runner import PipelineRunner, build_pipeline_data_parallel

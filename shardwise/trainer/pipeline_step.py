@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..comm import collectives as C
 from ..parallel.mesh import ParallelDims
-from ..parallel.parallelize import full_state_dict
+from ..parallel.state_dict import full_state_dict
 from ..parallel.pipeline import PipelineModel, PipelineRunner, build_pipeline_data_parallel
 from ..parallel.zero.config import resolve_precision
 from .config import ShardwiseConfig

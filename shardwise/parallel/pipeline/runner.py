@@ -184,8 +184,7 @@ def build_pipeline_data_parallel(pmodel: PipelineModel, dims, zero_cfg, optim_cf
     """The ZeRO engine over this pp rank's chunks (units: embedding / blocks / head of its stages), over the
     dp levels of `dims`, as shardwise.parallel.data_parallel.build_data_parallel does for the whole model
     (a MoEZeroEngine with expert parallel)."""
-    from ..data_parallel import LEVEL_NAMES
-    from ..mesh import DP_LEVELS
+    from ..mesh import DP_LEVELS, LEVEL_NAMES
     from ..zero import ZeroEngine
 
     kw = {"param_init": param_init, "offload": offload, "rank": rank}

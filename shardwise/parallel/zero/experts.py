@@ -30,13 +30,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ...comm import collectives as C
-from ..expert_parallel import expert_param_names, gather_experts
-from ..mesh import DP_LEVELS, ParallelDims
+from ..state_dict import expert_param_names, gather_experts
+from ..mesh import DP_LEVELS, LEVEL_NAMES, ParallelDims
 from .config import ZeroConfig
 from .engine import ZeroEngine
 from .layout import UnitSpec, default_units
 
-LEVEL_NAMES = ["pair", "node", "inter"]
 
 
 def edp_levels(dims: ParallelDims, inner_only: bool = False) -> tuple[list, list[str]]:
@@ -243,7 +242,7 @@ class MoEZeroEngine:
 
     def load_full_state_dict(self, sd: dict) -> None:
         """Load a full (all experts) state dict of this tp rank's shapes: each rank keeps its experts."""
-        from ..expert_parallel import ep_slice
+        from ..state_dict import ep_slice
         names = set(expert_param_names(self.module))
         local = {k: (ep_slice(v, self.ep_group) if k in names else v) for k, v in sd.items()}
         self.dense.load_full_state_dict({k: v for k, v in local.items() if k not in names})
