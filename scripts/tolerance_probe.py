@@ -25,7 +25,7 @@ def _child(eps: float, out: str) -> None:
     import torch
 
     from shardwise.models import build_model
-    from shardwise.testing import zero_reference as testing as T
+    from shardwise.testing import zero_reference as T
 
     base = T.optim_config
 
