@@ -77,6 +77,16 @@ def _check(rank, world):
             for a, b in zip(got, ref):
                 torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
             res[("events", sp, P)] = _events(sp, P, g, x_full, w_full)
+    # The config field reaches the layers: parallelize_model chunks every reducing row-parallel linear.
+    from shardwise.models import build_model
+    from shardwise.parallel import ParallelDims, parallelize_model
+    from shardwise.trainer.config import ModelConfig, ParallelConfig
+    pcfg = ParallelConfig(tp=world, sequence_parallel=True, tp_overlap_chunks=2)
+    dims = ParallelDims.from_config(pcfg, world).build_mesh("cpu")
+    mcfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=world,
+                       ffn_hidden_size=48, max_seq_len=16)
+    model = parallelize_model(build_model(mcfg, seed=0), dims, pcfg)
+    res["chunks"] = sorted({m.overlap_chunks for m in model.modules() if isinstance(m, RowParallelLinear)})
     return res
 
 
@@ -97,6 +107,7 @@ def _assert_overlap(events, fwd, P, bwd):
 
 def _run(world):
     for res in run_distributed(_check, world, timeout=120):
+        assert res["chunks"] == [2], res["chunks"]
         for P in (2, 4):
             _assert_overlap(res[("events", False, P)], "all_reduce", P, None)
             _assert_overlap(res[("events", True, P)], "reduce_scatter_single", P, "all_gather_single")
