@@ -110,6 +110,10 @@ TP2_CASES = {  # name: (reference, recipe, overrides)
                                                         "model.tie_embeddings=true"]),
     "moe tp2": ("moe", "tiny_moe", ["parallel.tp=2"]),
     "moe tp2 sp": ("moe", "tiny_moe", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    # parallel.tp_overlap_chunks (chunked row-parallel GEMM + async collectives) shares this launch.
+    "dense tp2 sp overlap2": ("dense", "tiny_dense", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                      "parallel.tp_overlap_chunks=2"]),
+    "dense tp2 overlap4": ("dense", "tiny_dense", ["parallel.tp=2", "parallel.tp_overlap_chunks=4"]),
     "moe tp2 sp capacity": ("moe_capacity", "tiny_moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
                                                          *CAPACITY_1STEP]),
 }

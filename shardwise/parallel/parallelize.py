@@ -32,7 +32,8 @@ def parallelize_model(model: Transformer, dims: ParallelDims, cfg) -> Transforme
         plan = plan_pipeline(model, dims.my_coords["pp"], dims.pp, cfg)
     # 2. Tensor (+ sequence) parallel.
     if dims.tp > 1:
-        apply_tensor_parallel(model, dims.group("tp"), cfg.sequence_parallel)
+        apply_tensor_parallel(model, dims.group("tp"), cfg.sequence_parallel,
+                              overlap_chunks=getattr(cfg, "tp_overlap_chunks", 1))
     # 3. Expert parallel: each ep rank keeps its block of the routed experts, and tokens reach them by
     #    all-to-all over dims.group("ep") (shardwise.parallel.expert_parallel).
     if dims.ep > 1:
@@ -62,7 +63,7 @@ def _swiglu_tp(mlp: SwiGLU, group, sp: bool, *, in_region: bool) -> None:
         mlp.register_forward_pre_hook(partial(_enter_hook, group, sp))
 
 
-def apply_tensor_parallel(model: Transformer, group, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(model: Transformer, group, sequence_parallel: bool, overlap_chunks: int = 1) -> None:
     """Megatron layout: q/k/v and w1/w3 column-parallel (heads / inner width split), wo and w2
     row-parallel, embedding and head vocab-parallel, experts split on their inner width, router and
     norms replicated. Under sequence parallel the residual stream is split along the sequence and
@@ -92,6 +93,10 @@ def apply_tensor_parallel(model: Transformer, group, sequence_parallel: bool) ->
         for m in model.modules():
             if isinstance(m, RMSNorm):
                 m.weight.sequence_parallel = True
+    if overlap_chunks > 1:  # parallel.tp_overlap_chunks: chunked GEMM + async collective (tp_overlap.py)
+        for m in model.modules():
+            if isinstance(m, RowParallelLinear):
+                m.overlap_chunks = overlap_chunks
 
 
 def _attention_tp(attn: Attention, group, sp: bool) -> None:

@@ -216,6 +216,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.weight = mark_sharded(nn.Parameter(weight_shard), 1)
         self.group, self.sequence_parallel, self.reduce_output = group, sequence_parallel, reduce_output
+        self.overlap_chunks = 1  # parallel.tp_overlap_chunks; 1 = the unchunked path below
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, **kw) -> "RowParallelLinear":
@@ -226,6 +227,9 @@ class RowParallelLinear(nn.Module):
         return cls(shard(linear.weight, group, 1), group, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.overlap_chunks > 1 and self.reduce_output and _size(self.group) > 1:
+            from .tp_overlap import row_parallel_chunked
+            return row_parallel_chunked(x, self.weight, self.group, self.sequence_parallel, self.overlap_chunks)
         y = F.linear(x, self.weight)
         return exit_tp_region(y, self.group, self.sequence_parallel) if self.reduce_output else y
 

@@ -162,6 +162,11 @@ class ParallelConfig:
     act as several nodes (tests, emulated clusters). Must divide the world size."""
     sequence_parallel: bool = False
     """Split norm/dropout activations along the sequence between TP regions (needs tp > 1)."""
+    tp_overlap_chunks: int = 1
+    """Split each row-parallel linear (attention output, MLP w2) into this many GEMM chunks whose
+    reduce-scatter (sequence parallel) or all-reduce runs asynchronously while the next chunk is
+    computed. 1 = the unchunked layers (exact, unchanged code path). >1 needs tp > 1 and data.seq_len
+    divisible by tp * tp_overlap_chunks (SP), or micro_batch_size * seq_len divisible by it (no SP)."""
     microbatches: Optional[int] = None
     """Pipeline micro-batches per step; null = gradient-accumulation steps. Used with pp > 1."""
     pp_schedule: PPSchedule = PPSchedule["1f1b"]

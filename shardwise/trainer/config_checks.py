@@ -161,6 +161,18 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and p.tp > 1 and d.seq_len % p.tp:
         problems.append(f"data.seq_len={d.seq_len} must be divisible by parallel.tp={p.tp} for sequence parallel")
+    c = p.tp_overlap_chunks
+    if c < 1:
+        problems.append(f"parallel.tp_overlap_chunks={c} must be >= 1 (1 = no chunking)")
+    elif c > 1 and p.tp == 1:
+        problems.append(f"parallel.tp_overlap_chunks={c} needs parallel.tp > 1 (set it to 1 without tensor parallel)")
+    elif c > 1 and p.sequence_parallel and d.seq_len % (p.tp * c):
+        problems.append(f"parallel.tp_overlap_chunks={c}: data.seq_len={d.seq_len} must be divisible by "
+                        f"parallel.tp * tp_overlap_chunks = {p.tp * c} (each rank's sequence shard is split in "
+                        "tp_overlap_chunks pieces); lower tp_overlap_chunks or change data.seq_len")
+    elif c > 1 and not p.sequence_parallel and (d.micro_batch_size * d.seq_len) % c:
+        problems.append(f"parallel.tp_overlap_chunks={c} must divide the tokens per micro-batch "
+                        f"data.micro_batch_size * data.seq_len = {d.micro_batch_size * d.seq_len}; lower it")
     if p.pp > 1 and m.num_layers < p.pp:
         problems.append(f"parallel.pp={p.pp} exceeds model.num_layers={m.num_layers}: a stage would have no layer")
     problems += _pipeline_problems(p, m, d)
