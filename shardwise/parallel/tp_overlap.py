@@ -34,7 +34,7 @@ class _RowParallelChunked(torch.autograd.Function):
         if S % (n * chunks):
             raise ValueError(f"sequence length {S} not divisible by tp={n} x parallel.tp_overlap_chunks={chunks}")
         s = S // (n * chunks)
-        x5 = x.view(B, n, chunks, s, K)
+        x5 = x.reshape(B, n, chunks, s, K)  # attention output may be a non-contiguous view
         outs, handles = [], []
         for k in range(chunks):
             # [n, B, s, O]: destination rank first, as reduce_scatter_single splits dim 0.
@@ -56,7 +56,7 @@ class _RowParallelChunked(torch.autograd.Function):
         n, P, (B, S, K), O = _n(ctx.group), ctx.chunks, x.shape, weight.shape[0]
         s = S // (n * P)
         g4 = g.contiguous().view(B, P, s, O)
-        x5 = x.view(B, n, P, s, K)
+        x5 = x.reshape(B, n, P, s, K)
         gx5 = x.new_empty((B, n, P, s, K))
         gw = weight.new_zeros(weight.shape)
 
