@@ -18,8 +18,8 @@ collective of the package goes through one module.
 Byte accounting (shardwise.comm.accounting): `count_group(group, label, counter, ranks_per_node)` makes
 every tensor collective on that group charge its bytes (the formulas of accounting's docstring) to
 `counter` under `label` and the group's link class. The trainer counts its `tp` and `ep` groups this way
-(`comm_bytes.tp`, `comm_bytes.ep`); ZeRO and CO2 charge through their own `Group` objects
-(shardwise.comm.group) and pass `count=False` so no byte is charged twice.
+(`comm_bytes.tp`, `comm_bytes.ep`). ZeRO and CO2 keep their own accounts (shardwise.comm.group.Group): they
+pass their own `Charge` as `charge=`, which replaces the registered one, so no byte is charged twice.
 
 Tests: `record()` collects (collective, backend, device types, call site) of every checked call, and
 `_backend_of` / `DEVICE_BACKENDS` are what a test patches to make a gloo group look like NCCL
@@ -68,16 +68,33 @@ group). shardwise.trainer.hang installs one: the heartbeat's "last collective en
 numbers. One attribute test per collective when unset."""
 
 
-@dataclass
-class _Counted:
+@dataclass(frozen=True)
+class Charge:
+    """Where a collective's bytes go: `counter` under `label` and the link class (`spans_nodes`: inter-node
+    if the group's ranks sit on more than one node), for a group of `size` ranks in which this rank is `index`.
+    A group of one rank sends nothing and is never charged."""
+
     label: str
     size: int
-    index: int  # this rank's index in the group
+    index: int
     spans_nodes: bool
     counter: ByteCounter
 
+    @classmethod
+    def of(cls, group, label: str, counter: ByteCounter, ranks_per_node: int) -> "Charge":
+        """The charge of `group` (None = the default group; without a process group: a group of one)."""
+        if group is None and not dist.is_initialized():
+            return cls(label, 1, 0, False, counter)
+        ranks = dist.get_process_group_ranks(_key(group))
+        return cls(label, len(ranks), dist.get_rank(group), spans_nodes(ranks, ranks_per_node), counter)
 
-_counted: dict = {}  # group object -> _Counted
+
+GROUP = "group"
+"""The default `charge=` of every tensor collective: charge what `count_group` registered for the group
+(nothing when it registered nothing). Callers that keep their own accounts pass their own `Charge`, or None
+for no charge (shardwise.comm.group.Group), so no byte is charged twice."""
+
+_counted: dict = {}  # group object -> Charge
 
 
 def _key(group):
@@ -86,17 +103,15 @@ def _key(group):
 
 def count_group(group, label: str, counter: ByteCounter, ranks_per_node: int) -> None:
     """Charge every tensor collective on `group` (None = the default group) to `counter` under `label`."""
-    ranks = dist.get_process_group_ranks(_key(group))
-    _counted[_key(group)] = _Counted(label, len(ranks), dist.get_rank(group), spans_nodes(ranks, ranks_per_node),
-                                     counter)
+    _counted[_key(group)] = Charge.of(group, label, counter, ranks_per_node)
 
 
 def uncount_group(group) -> None:
     _counted.pop(_key(group), None)
 
 
-def _charge(name: str, group, out: torch.Tensor, inp: Optional[torch.Tensor] = None, in_splits=None) -> None:
-    c = _counted.get(_key(group)) if _counted else None
+def _charge(charge, name: str, group, out: torch.Tensor, inp: Optional[torch.Tensor] = None, in_splits=None) -> None:
+    c = (_counted.get(_key(group)) if _counted else None) if charge is GROUP else charge
     if c is not None and c.size > 1:
         c.counter.add(c.label, sent_bytes(name, c.size, out, inp, in_splits, c.index), c.spans_nodes)
 
@@ -161,43 +176,37 @@ def record() -> Iterator[list[Call]]:
 
 
 # ---------------------------------------------------------------- the wrappers (torch.distributed's signatures)
-def all_reduce(t: torch.Tensor, op=ReduceOp.SUM, group=None, async_op: bool = False, count: bool = True):
-    check("all_reduce", group, (t,))
-    if count:
-        _charge("all_reduce", group, t)
+def _enter(name: str, group, charge, out: torch.Tensor, inp: Optional[torch.Tensor] = None, in_splits=None) -> None:
+    check(name, group, (out,) if inp is None else (out, inp))
+    _charge(charge, name, group, out, inp, in_splits)
+
+
+def all_reduce(t: torch.Tensor, op=ReduceOp.SUM, group=None, async_op: bool = False, charge=GROUP):
+    _enter("all_reduce", group, charge, t)
     return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
 
-def all_gather_single(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False,
-                      count: bool = True):
+def all_gather_single(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False, charge=GROUP):
     """All-gather `inp` of every rank into `out` (rank order along dim 0)."""
-    check("all_gather_single", group, (out, inp))
-    if count:
-        _charge("all_gather_single", group, out, inp)
+    _enter("all_gather_single", group, charge, out, inp)
     return _all_gather_single(out, inp, group=group, async_op=async_op)
 
 
 def reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor, op=ReduceOp.SUM, group=None,
-                          async_op: bool = False, count: bool = True):
+                          async_op: bool = False, charge=GROUP):
     """Reduce `inp` over the group; rank r receives chunk r (dim 0) in `out`."""
-    check("reduce_scatter_single", group, (out, inp))
-    if count:
-        _charge("reduce_scatter_single", group, out, inp)
+    _enter("reduce_scatter_single", group, charge, out, inp)
     return _reduce_scatter_single(out, inp, op=op, group=group, async_op=async_op)
 
 
 def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, output_split_sizes=None, input_split_sizes=None,
-                      group=None, async_op: bool = False, count: bool = True):
-    check("all_to_all_single", group, (out, inp))
-    if count:
-        _charge("all_to_all_single", group, out, inp, input_split_sizes)
+                      group=None, async_op: bool = False, charge=GROUP):
+    _enter("all_to_all_single", group, charge, out, inp, input_split_sizes)
     return dist.all_to_all_single(out, inp, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
 
-def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False, count: bool = True):
-    check("broadcast", group, (t,))
-    if count:
-        _charge("broadcast", group, t)
+def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False, charge=GROUP):
+    _enter("broadcast", group, charge, t)
     return dist.broadcast(t, src, group=group, async_op=async_op)
 
 

@@ -1,13 +1,14 @@
 """A process group that charges its own collectives to a ByteCounter under a label: the form ZeRO's levels
-and CO2's outer group use (shardwise.comm.accounting has the byte formulas; these calls pass count=False to
-the collectives so a group the trainer also counts is not charged twice)."""
+and CO2's outer group use (shardwise.comm.accounting has the byte formulas). Each call passes the group's own
+`Charge` to the collective, which replaces whatever the trainer registered for the same process group with
+`count_group`, so no byte is charged twice."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
 from . import collectives as C
-from .accounting import ByteCounter, sent_bytes, spans_nodes
+from .accounting import ByteCounter
 
 
 def group_size(group) -> int:
@@ -30,31 +31,25 @@ class Group:
 
     def __init__(self, group, label: str, ranks_per_node: int, counter: ByteCounter):
         self.pg, self.label, self.counter = group, label, counter
-        alone = group is None and not dist.is_initialized()
-        self.size = 1 if alone else dist.get_world_size(group)
-        self.rank = 0 if alone else dist.get_rank(group)
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.size))
-        self.spans_nodes = spans_nodes(ranks, ranks_per_node)
-        self.account = True
+        self._bill = C.Charge.of(group, label, counter, ranks_per_node)
+        self.size, self.rank, self.spans_nodes = self._bill.size, self._bill.index, self._bill.spans_nodes
+        self.account = True  # False: these calls charge nothing (ZeroComm.accounting)
 
-    def _charge(self, nbytes: float) -> None:
-        if self.account and self.size > 1:
-            self.counter.add(self.label, nbytes, self.spans_nodes)
+    @property
+    def charge(self) -> "C.Charge | None":
+        """What this group's calls are charged to (None while accounting is off)."""
+        return self._bill if self.account else None
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
-        self._charge(sent_bytes("all_gather_single", self.size, out, inp))
-        return C.all_gather_single(out, inp, group=self.pg, async_op=async_op, count=False)
+        return C.all_gather_single(out, inp, group=self.pg, async_op=async_op, charge=self.charge)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
-        self._charge(sent_bytes("reduce_scatter_single", self.size, out, inp))
-        return C.reduce_scatter_single(out, inp, group=self.pg, async_op=async_op, count=False)
+        return C.reduce_scatter_single(out, inp, group=self.pg, async_op=async_op, charge=self.charge)
 
     def all_reduce(self, t: torch.Tensor, async_op: bool = False):
         if self.size == 1:  # nothing to sum (also the path of a single process without a process group)
             return _Done() if async_op else None
-        self._charge(sent_bytes("all_reduce", self.size, t))
-        return C.all_reduce(t, group=self.pg, async_op=async_op, count=False)
+        return C.all_reduce(t, group=self.pg, async_op=async_op, charge=self.charge)
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
-        self._charge(sent_bytes("all_to_all_single", self.size, out, inp))
-        return C.all_to_all_single(out, inp, group=self.pg, async_op=async_op, count=False)
+        return C.all_to_all_single(out, inp, group=self.pg, async_op=async_op, charge=self.charge)
