@@ -14,8 +14,19 @@ from shardwise.testing.tolerance import AUX_ATOL, LOSS_ATOL, LOSS_RTOL, assert_p
 from trainer_runs import fit_runs, param_tol, tiny_overrides
 
 
+def _sends_per_step(tr) -> float:
+    """Bytes this rank's stages send per step: one activation [micro, seq/sp, hidden] fp32 forward per
+    micro-batch from every stage but the last, one gradient of it back from every stage but the first."""
+    c, ids, n = tr.cfg, tr.model.stage_ids, tr.model.num_stages
+    sends = sum(s < n - 1 for s in ids) + sum(s > 0 for s in ids)
+    micro = c.data.global_batch_size // (tr.dims.dp * c.data.micro_batch_size)
+    seq = c.data.seq_len // (tr.dims.tp if c.parallel.sequence_parallel else 1)
+    return sends * micro * c.data.micro_batch_size * seq * c.model.hidden_size * 4
+
+
 def _summary(tr, hist):
-    return {"loss": [h["loss"] for h in hist], "eval": [h["eval_loss"] for h in hist if "eval_loss" in h],
+    return {"pp_bytes": [h.get("comm_bytes.pp") for h in hist], "pp_sends": _sends_per_step(tr) if tr.dims.pp > 1 else 0,
+            "loss": [h["loss"] for h in hist], "eval": [h["eval_loss"] for h in hist if "eval_loss" in h],
             "aux": [h.get("aux_loss") for h in hist], "norm": [h["grad_norm"] for h in hist],
             "bubble": [h.get("pp_bubble_mean") for h in hist], "params": tr.full_state_dict(),
             "tpe": [h.get("moe_tokens_per_expert") for h in hist]}
@@ -59,5 +70,10 @@ def test_pipelined_trainer_matches_single_process(results, case):
             close(res["tpe"], ref["tpe"], "tokens per expert")
         assert_params_close(res["params"], ref["params"], tol, f"{case} rank {rank}")
         assert all(0.0 < b < 1.0 for b in res["bubble"]), res["bubble"]
+        # comm_bytes.pp: the stage-to-stage sends (through shardwise.comm.p2p) plus the pp group's few small
+        # all-reduces (metrics, clipping norm, the evaluation's token count): under 1 KiB on top.
+        assert res["pp_sends"] > 0
+        for b in res["pp_bytes"]:
+            assert res["pp_sends"] <= b < res["pp_sends"] + 1024, (case, rank, b, res["pp_sends"])
     if case == "moe_ep":  # the bias really moved (so the per-stage update rows are under test)
         assert ref["params"]["layers.3.mlp.router.expert_bias"].abs().sum() > 0

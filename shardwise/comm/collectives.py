@@ -79,14 +79,15 @@ class Charge:
     index: int
     spans_nodes: bool
     counter: ByteCounter
+    ranks_per_node: int = 1  # the node layout, for point-to-point sends (link class by peer)
 
     @classmethod
     def of(cls, group, label: str, counter: ByteCounter, ranks_per_node: int) -> "Charge":
         """The charge of `group` (None = the default group; without a process group: a group of one)."""
         if group is None and not dist.is_initialized():
-            return cls(label, 1, 0, False, counter)
+            return cls(label, 1, 0, False, counter, ranks_per_node)
         ranks = dist.get_process_group_ranks(_key(group))
-        return cls(label, len(ranks), dist.get_rank(group), spans_nodes(ranks, ranks_per_node), counter)
+        return cls(label, len(ranks), dist.get_rank(group), spans_nodes(ranks, ranks_per_node), counter, ranks_per_node)
 
 
 GROUP = "group"
@@ -152,6 +153,10 @@ def _observe(name: str, group) -> None:
 def check(name: str, group, tensors: Sequence[torch.Tensor]) -> None:
     """Raise CollectiveDeviceError when `group`'s backend needs a device type some tensor is not on."""
     _observe(name, group)
+    _check_devices(name, group, tensors)
+
+
+def _check_devices(name: str, group, tensors: Sequence[torch.Tensor]) -> None:
     backend, need = _info(group)
     if _records is not None:
         _records.append(Call(name, backend, tuple(t.device.type for t in tensors), _site()))
@@ -208,6 +213,24 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, output_split_sizes=N
 def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False, charge=GROUP):
     _enter("broadcast", group, charge, t)
     return dist.broadcast(t, src, group=group, async_op=async_op)
+
+
+def point_to_point(ops: list, group) -> list:
+    """The `dist.P2POp`s torch.distributed.pipelining is about to batch (shardwise.comm.p2p): device-checked,
+    and each send charged its tensor's bytes when `group` is counted, intra- or inter-node by the peer's node
+    (the sender pays, as in the collectives' formulas). Returns `ops`. Not observed: the stages of a pipeline
+    issue different numbers of sends, and the heartbeat matches collectives, not point-to-point traffic."""
+    if not ops:
+        return ops
+    _check_devices("point_to_point", group, [op.tensor for op in ops])
+    c = _counted.get(_key(group)) if _counted else None
+    if c is not None:
+        me = dist.get_rank()
+        for op in ops:
+            if op.op is dist.isend:
+                c.counter.add(c.label, op.tensor.numel() * op.tensor.element_size(),
+                              spans_nodes([me, op.peer], c.ranks_per_node))
+    return ops
 
 
 def barrier(group=None) -> None:

@@ -72,10 +72,11 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.local_world_size).build_mesh(env.device.type)
         self.dp_group, self.tp_group = self.dims.group("dp"), self.dims.group("tp")
         # Traffic of the model's own collectives (TP/SP layers, vocab-parallel loss, MoE TP regions: `tp`;
-        # expert all-to-alls: `ep`), counted at the collective layer; ZeRO/CO2 count theirs themselves.
+        # expert all-to-alls: `ep`; pipeline stage-to-stage sends: `pp`), counted at the collective layer;
+        # ZeRO/CO2 count theirs themselves.
         self.layer_bytes = ByteCounter()
         self._counted_groups = []
-        for label in ("tp", "ep"):
+        for label in ("tp", "ep", "pp"):
             g = self.dims.group(label)
             if g is not None and _rank_size(g)[1] > 1:
                 C.count_group(g, label, self.layer_bytes, self.dims.ranks_per_node)

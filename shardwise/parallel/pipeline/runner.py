@@ -29,10 +29,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as S
 
 from ...comm import collectives as C
+from ...comm.p2p import CheckedPipelineStage
 from .stages import PipelineModel
 
 SCHEDULES = {  # parallel.pp_schedule -> (schedule class, one stage per rank?)
@@ -68,7 +68,7 @@ class PipelineRunner:
                              requires_grad=True)
         tok_meta = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device=device)
         # Static stage metadata: no shape-inference forward (it would run ZeRO-3 gathers out of step).
-        self.stages = [PipelineStage(c, c.index, c.num_stages, device, input_args=tok_meta if c.is_first else h_meta,
+        self.stages = [CheckedPipelineStage(c, c.index, c.num_stages, device, input_args=tok_meta if c.is_first else h_meta,
                                      output_args=h_meta, group=pp_group) for c in pmodel.chunks]
         self._head = next((c.head for c in pmodel.chunks if c.is_last), None)
         self._gt = torch.ones((), device=device)
