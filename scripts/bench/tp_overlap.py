@@ -60,29 +60,38 @@ def _row(n, r, a, width):
 
 
 def _column(n, r, a, width):
-    """(step(P), compute-only step) of `--projections` column-parallel linears sharing one gathered input;
-    `width` is each projection's local output width."""
+    """(step(P), compute-only step) of `--projections` column-parallel linears sharing one gathered input
+    (P = 1: the unchunked sequence gather + one GEMM each); `width` is each projection's local output width."""
     import torch
+    import torch.distributed as dist
     import torch.nn.functional as F
-    from shardwise.parallel import tp_overlap_column as col
+    from shardwise.parallel.tensor_parallel import ColumnParallelLinear, enter_tp_region
+    from shardwise.parallel.tp_overlap_column import column_parallel_chunked
     gen = torch.Generator().manual_seed(0)
-    ws = [torch.nn.Parameter(torch.randn(width, a.out_features, generator=gen) * 0.02) for _ in range(a.projections)]
+    group = dist.group.WORLD
+    lins = [ColumnParallelLinear(torch.randn(width, a.out_features, generator=gen) * 0.02, group, sequence_parallel=True,
+                                 enter_region=False) for _ in range(a.projections)]
     x = torch.randn(a.batch, a.seq // n, a.out_features, generator=gen).requires_grad_(True)
     x_full = torch.randn(a.batch, a.seq, a.out_features, generator=gen).requires_grad_(True)
-    gs = [torch.randn(a.batch, a.seq, width, generator=gen) for _ in ws]
+    gs = [torch.randn(a.batch, a.seq, width, generator=gen) for _ in lins]
+
+    def clear():
+        x.grad = x_full.grad = None
+        for lin in lins:
+            lin.weight.grad = None
 
     def step(p):
-        outs = col.bench_forward(x, ws, None, p)
-        torch.autograd.backward(outs, gs)
-        x.grad = None
-        for w in ws:
-            w.grad = None
+        if p == 1:
+            xf = enter_tp_region(x, group, True)
+            outs = [lin(xf) for lin in lins]
+        else:
+            outs = column_parallel_chunked(lins, x, group, p)
+        torch.autograd.backward(list(outs), gs)
+        clear()
 
-    def compute():
-        torch.autograd.backward([F.linear(x_full, w) for w in ws], gs)
-        x_full.grad = None
-        for w in ws:
-            w.grad = None
+    def compute():  # the same GEMMs as P=1, without the all-gather / reduce-scatter
+        torch.autograd.backward([F.linear(x_full, lin.weight) for lin in lins], gs)
+        clear()
     return step, compute
 
 
