@@ -188,7 +188,19 @@ def capacity_keep_mask(expert_idx: torch.Tensor, probs: torch.Tensor, num_expert
     return keep
 
 
-class LocalDispatcher:
+class Dispatcher:
+    """Base of the dispatchers: `run` is the whole routed-expert step of MoELayer, dispatch -> experts ->
+    combine. The overlapped expert-parallel dispatcher (shardwise.parallel.ep_overlap) overrides it to
+    pipeline token chunks; every other dispatcher only provides dispatch and combine."""
+
+    def run(self, x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor,
+            num_tokens: int, experts: nn.Module, num_experts: int) -> torch.Tensor:
+        xs, seg_counts, ctx = self.dispatch(x, token_idx, expert_idx, num_experts)
+        ys = experts(xs, seg_counts)
+        return self.combine(ys, ctx, token_idx, weights, num_tokens)
+
+
+class LocalDispatcher(Dispatcher):
     """Single-device dispatch: sort (token, expert) assignments by expert so each expert's tokens are
     one contiguous segment; combine scatters the weighted expert outputs back with index_add.
     Interface: dispatch -> (rows for this rank's experts grouped by local expert, rows per local expert,
@@ -315,9 +327,7 @@ class MoELayer(nn.Module):
             # grouped_mm is not on autocast's list: cast the routed rows ourselves so the experts run (and
             # the expert-parallel all-to-all travels) in the autocast dtype, not in the fp32 of the norm.
             xd = xe.to(torch.get_autocast_dtype(xe.device.type))
-        xs, seg_counts, order = self.dispatcher.dispatch(xd, token_idx, flat_e, self.num_experts)
-        ys = self.experts(xs, seg_counts)
-        out = self.dispatcher.combine(ys, order, token_idx, weights, t)
+        out = self.dispatcher.run(xd, token_idx, flat_e, weights, t, self.experts, self.num_experts)
         if self.shared is not None:
             shared = self.shared(xe)
             if self.shared_gate is not None:

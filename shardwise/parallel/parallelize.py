@@ -38,7 +38,7 @@ def parallelize_model(model: Transformer, dims: ParallelDims, cfg) -> Transforme
     #    all-to-all over dims.group("ep") (shardwise.parallel.expert_parallel).
     if dims.ep > 1:
         from .expert_parallel import apply_expert_parallel
-        apply_expert_parallel(model, dims.group("ep"))
+        apply_expert_parallel(model, dims.group("ep"), overlap_chunks=getattr(cfg, "ep_overlap_chunks", 1))
     # 4. Data parallel / ZeRO: the trainer wraps the result in the flat-buffer engine over the dp levels
     #    (data_parallel.build_data_parallel), which also owns the optimizer.
     return plan.build(model) if plan is not None else model
