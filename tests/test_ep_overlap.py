@@ -54,10 +54,17 @@ class _LoggedExperts(torch.nn.Module):
         super().__init__()
         self.inner, self.log, self.calls = inner, log, 0
 
-    def forward(self, x, counts):
+    def forward(self, x, counts, pipeline=None):
+        self.log.append(("experts_call",))
+        if pipeline is None:
+            return self.logged(x, counts)
+        return self.inner(None, None, pipeline=lambda compute: pipeline(self.logged))
+
+    def logged(self, x, counts):
+        """One chunk's expert computation."""
         tag, self.calls = self.calls, self.calls + 1
         self.log.append(("experts", tag))
-        return _LogBwd.apply(self.inner(x, counts), self.log, tag)
+        return _LogBwd.apply(self.inner.compute(x, counts), self.log, tag)
 
 
 def _fwd_bwd(m, x):
@@ -119,6 +126,8 @@ def _check(rank, world):
 
 
 def _assert_pipelined(log, P):
+    # The experts module is called once for all chunks (its ZeRO-3 hooks gather and free once per layer).
+    assert log.count(("experts_call",)) == 1, log
     issues = [e for e in log if e[0] == "issue"]
     # 1 counts exchange + P dispatches + P combines in forward, and the 2P reverse exchanges in backward.
     assert len(issues) == 1 + 4 * P, log

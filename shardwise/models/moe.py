@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -229,7 +229,17 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, ffn_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Optional[torch.Tensor], counts: Optional[torch.Tensor],
+                pipeline: Optional[Callable[[Callable], torch.Tensor]] = None) -> torch.Tensor:
+        """Rows x [N, d] grouped by expert (counts[i] rows for expert i) -> [N, d]. pipeline: instead, return
+        pipeline(compute) where compute(x, counts) is that computation; the overlapped expert-parallel
+        dispatcher (shardwise.parallel.ep_overlap) runs all its chunks inside ONE call of this module, so
+        hooks on it (ZeRO-3 gathers the weights before, frees them after) fire once per layer, not per chunk."""
+        if pipeline is not None:
+            return pipeline(self.compute)
+        return self.compute(x, counts)
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         h = F.silu(grouped_matmul(x, self.w1, counts)) * grouped_matmul(x, self.w3, counts)
         return grouped_matmul(h, self.w2, counts)
 

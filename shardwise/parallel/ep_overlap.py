@@ -140,33 +140,39 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
         out_splits = [[sizes[1][j][c] for j in range(ep)] for c in range(P)]
         rows = x[token_idx[order]]
         chunk_rows = rows.split([sum(s) for s in in_splits])
-        token = x.new_empty(0)  # orders all collectives of this layer, forward and backward (docstring)
+        # The whole pipeline runs inside one call of the experts module (GroupedExperts.forward's `pipeline`):
+        # its ZeRO-3 hooks gather the weights once before chunk 0 and free them after the last chunk.
+        ys = experts(None, None, pipeline=lambda compute: self._pipeline(compute, chunk_rows, recv, in_splits,
+                                                                            out_splits, x.new_empty(0)))
+        # One weighted index_add over all chunks, in the (chunk, expert) order: a token's rows keep the
+        # expert order of the unchunked path, so its output is summed identically.
+        return self.local.combine(ys, order, token_idx, weights, num_tokens)
+
+    def _pipeline(self, compute, chunk_rows, recv, in_splits, out_splits, token):
+        """Dispatch / experts / combine of every chunk, overlapped (module docstring). token: a zero-size
+        tensor that chains all collectives of this layer, forward and backward. Returns the combined rows of
+        all chunks, concatenated in chunk order."""
+        P = self.chunks
 
         def expert_chunk(c, xr):
             rc = recv[:, c]  # [source rank, local expert]
             perm = chunk_permutation(rc, total=sum(out_splits[c]))
             back = torch.empty_like(perm)
             back[perm] = torch.arange(perm.numel(), device=perm.device)
-            y = experts(xr[perm], rc.sum(0))
+            y = compute(xr[perm], rc.sum(0))
             return y[back]
 
-        disp = [None] * P
-        comb = [None] * P
-        ys = [None] * P
-        disp[0] = start(chunk_rows[0], token, out_splits[0], in_splits[0], self.group)
-        token = disp[0][1]
+        disp, comb, ys = [None] * P, [None] * P, [None] * P  # (buffer, flight) per chunk; combined rows
+        b, token, fl = start(chunk_rows[0], token, out_splits[0], in_splits[0], self.group)
+        disp[0] = (b, fl)
         for c in range(P):
             if c + 1 < P:  # in flight while chunk c's experts run
                 b, token, fl = start(chunk_rows[c + 1], token, out_splits[c + 1], in_splits[c + 1], self.group)
-                disp[c + 1] = (b, None, fl)
-            b, _, fl = disp[c]
-            xr, token = finish(b, token, fl)
-            y = expert_chunk(c, xr)
-            b, token, fl = start(y, token, in_splits[c], out_splits[c], self.group)
+                disp[c + 1] = (b, fl)
+            xr, token = finish(disp[c][0], token, disp[c][1])
+            b, token, fl = start(expert_chunk(c, xr), token, in_splits[c], out_splits[c], self.group)
             comb[c] = (b, fl)
             if c > 0:  # combine(c-1) was in flight during chunk c's experts
                 ys[c - 1], token = finish(comb[c - 1][0], token, comb[c - 1][1])
         ys[P - 1], token = finish(comb[P - 1][0], token, comb[P - 1][1])
-        # One weighted index_add over all chunks, in the (chunk, expert) order: a token's rows keep the
-        # expert order of the unchunked path, so its output is summed identically.
-        return self.local.combine(torch.cat(ys), order, token_idx, weights, num_tokens)
+        return torch.cat(ys)
