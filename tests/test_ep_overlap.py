@@ -2,7 +2,9 @@
 matches the unchunked one on an MoE layer within fp32 roundoff (rtol 1e-5, atol 1e-6), also when chunks
 are empty on a rank. The combine sums a token's k outputs in the same order, but the forward is not
 bit-equal on CPU: a BLAS GEMM's result for one row depends on the number of rows in the call (the
-chunk's rows vs all rows, ~5e-7 on O(1) values); expert weight gradients are summed over chunks; and the overlap is real:
+chunk's rows vs all rows, ~5e-7 on O(1) values); expert weight gradients are summed over chunks. Under
+bf16 autocast both paths run the experts and the all-to-all in bf16 (checked at 2e-2 of each tensor's
+largest value); and the overlap is real:
 chunk c+1's dispatch all-to-all is issued before chunk c's is waited on and before chunk c's experts run,
 in forward and in backward (recorded issue / wait order). One 2-rank launch.
 """
@@ -119,6 +121,19 @@ def _check(rank, world):
             torch.testing.assert_close(got[2][k], ref[2][k], rtol=RTOL, atol=ATOL, msg=f"{name} grad {k}")
         res[name] = {"out": float((got[0] - ref[0]).abs().max()), "x.grad": float((got[1] - ref[1]).abs().max()),
                      "param grads": max(float((got[2][k] - ref[2][k]).abs().max()) for k in ref[2])}
+    # Autocast: the rows travel and the experts run in bf16 in both paths (bf16 roundoff bounds).
+    base = _layer()
+    torch.manual_seed(1 + rank)
+    x = torch.randn(2, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _fwd_bwd(_split(base, 1, g), x)
+        got = _fwd_bwd(_split(base, CHUNKS, g), x)
+    pairs = {"out": (got[0], ref[0]), "x.grad": (got[1], ref[1]), **{k: (got[2][k], ref[2][k]) for k in ref[2]}}
+    # Relative to the tensor's largest value: bf16 keeps 8 bits, and a weight gradient summed over C chunks
+    # (each rounded to bf16 before the fp32 sum) vs one bf16 GEMM differs by a few bf16 ulps of its scale.
+    rel = {k: float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)) for k, (a, b) in pairs.items()}
+    assert max(rel.values()) < 2e-2, rel
+    res["autocast (relative)"] = max(rel.values())
     torch.manual_seed(1 + rank)
     res["events"] = _events(_split(_layer(), CHUNKS, g), torch.randn(2, 8, 8))
     res["events1"] = _events(_split(_layer(), 1, g), torch.randn(2, 8, 8))
