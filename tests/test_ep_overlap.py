@@ -31,9 +31,9 @@ def _layer(capacity=None):
 
 
 def _split(base, chunks, group):
-    from shardwise.parallel.expert_parallel import apply_expert_parallel
+    from shardwise.parallel.ep_overlap import apply_expert_parallel_overlapped
     m = copy.deepcopy(base)
-    apply_expert_parallel(m, group, overlap_chunks=chunks)
+    apply_expert_parallel_overlapped(m, group, chunks)
     return m
 
 

@@ -43,10 +43,13 @@ kernel is row-count invariant). Expert weight gradients are summed over the C ch
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from torch import nn
 
 from ..comm import collectives as C
-from .expert_parallel import AllToAllDispatcher, chunk_permutation
+from .expert_parallel import AllToAllDispatcher, apply_expert_parallel, chunk_permutation
 
 
 class _Flight:
@@ -176,3 +179,14 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
                 ys[c - 1], token = finish(comb[c - 1][0], token, comb[c - 1][1])
         ys[P - 1], token = finish(comb[P - 1][0], token, comb[P - 1][1])
         return torch.cat(ys)
+
+
+def apply_expert_parallel_overlapped(model: nn.Module, group, chunks: int) -> None:
+    """apply_expert_parallel with the chunked dispatcher (parallel.ep_overlap_chunks = chunks); chunks=1: the
+    plain AllToAllDispatcher."""
+    if chunks < 1:
+        raise ValueError(f"parallel.ep_overlap_chunks={chunks} must be >= 1")
+    if chunks == 1:
+        apply_expert_parallel(model, group)
+    else:
+        apply_expert_parallel(model, group, partial(ChunkedAllToAllDispatcher, chunks=chunks))

@@ -24,7 +24,7 @@ ZeRO-3 gathers of expert weights happen on every expert-data-parallel rank.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -108,10 +108,10 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def apply_expert_parallel(model: nn.Module, group, overlap_chunks: int = 1) -> None:
+def apply_expert_parallel(model: nn.Module, group, make_dispatcher: Callable = AllToAllDispatcher) -> None:
     """Keep this rank's contiguous block of E/ep routed experts in every MoE layer (after tensor parallel,
-    whose `tp_shard_dim` marker is kept) and swap in the all-to-all dispatcher over `group`.
-    overlap_chunks (parallel.ep_overlap_chunks) > 1: the chunked, overlapped dispatcher (ep_overlap.py)."""
+    whose `tp_shard_dim` marker is kept) and swap in the all-to-all dispatcher over `group`:
+    make_dispatcher(group, num_experts) (ep_overlap.apply_expert_parallel_overlapped passes the chunked one)."""
     ep, r = _size(group), _rank(group)
     for moe in moe_layers(model):
         ex = moe.experts
@@ -123,11 +123,7 @@ def apply_expert_parallel(model: nn.Module, group, overlap_chunks: int = 1) -> N
             part = nn.Parameter(full.detach()[r * n:(r + 1) * n].clone())
             dim = getattr(full, "tp_shard_dim", None)
             setattr(ex, name, mark_sharded(part, dim) if dim is not None else part)
-        if overlap_chunks > 1:
-            from .ep_overlap import ChunkedAllToAllDispatcher
-            moe.dispatcher = ChunkedAllToAllDispatcher(group, moe.num_experts, overlap_chunks)
-        else:
-            moe.dispatcher = AllToAllDispatcher(group, moe.num_experts)
+        moe.dispatcher = make_dispatcher(group, moe.num_experts)
 
 
 def ep_group_of(model: nn.Module) -> Optional[object]:
