@@ -32,8 +32,10 @@ exactly the reverse forward order on every rank, whatever else autograd interlea
 hooks). Since the forward order puts wait-combine(c-1) after issue-combine(c), and issue-dispatch(c+1)
 before wait-dispatch(c), the reversed order gives the backward pipeline: the combine-gradient exchange
 of chunk c-1 is issued before chunk c's expert backward, and the dispatch-gradient exchange of chunk
-c+1 is still in flight while it runs. Only the amount of overlap depends on the engine; the values and
-the collective order never do.
+c+1 is still in flight while it runs. Across MoE layers the order is fixed by data: the gradient of a
+layer's input needs every chunk's dispatch-gradient exchange, so a layer's backward collectives all come
+before those of the layer below. Only the amount of overlap depends on the engine; the values and the
+collective order never do.
 
 Result vs the unchunked path (C = 1, AllToAllDispatcher): the same rows reach the same experts, and a
 token's k assignments all sit in one chunk, ordered by expert as there, so the combine's index_add sums a
