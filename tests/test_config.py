@@ -60,6 +60,9 @@ def test_cluster_recipe_validates_for_its_world_but_not_others():
      "parallel.tp_overlap_chunks=4: data.seq_len=68 must be divisible by parallel.tp * tp_overlap_chunks = 8"),
     (["parallel.tp=2", "data.seq_len=63", "data.micro_batch_size=1", "data.global_batch_size=1",
       "parallel.tp_overlap_chunks=2"], 2, "parallel.tp_overlap_chunks=2 must divide the tokens per micro-batch"),
+    (["parallel.ep_overlap_chunks=2"], 2, "parallel.ep_overlap_chunks=2 needs parallel.ep > 1 (set it to 1 "
+                                          "without expert parallel)"),
+    (["parallel.ep=2", "parallel.ep_overlap_chunks=0"], 2, "parallel.ep_overlap_chunks=0 must be >= 1"),
     (["parallel.dp_pair=3"], 4, "parallel.dp_pair*parallel.dp_node = 3*1 must divide the data-parallel size 4"),
     (["parallel.dp_inter=3"], 4, "parallel.dp_inter=3 but data-parallel size 4 / (dp_pair*dp_node) = 4"),
     (["parallel.ranks_per_node=3"], 4, "parallel.ranks_per_node=3 must divide the world size 4"),
@@ -72,6 +75,10 @@ def test_bad_values_name_field_and_fix(overrides, world, message):
     with pytest.raises(ConfigError) as e:
         compose_and_validate(*overrides, world=world)
     assert message in str(e.value)
+
+
+def test_ep_overlap_chunks_valid_with_ep():
+    assert compose_and_validate("parallel.ep=2", "parallel.ep_overlap_chunks=4").parallel.ep_overlap_chunks == 4
 
 
 def test_all_problems_reported_at_once():

@@ -10,7 +10,10 @@ EP=2 (edp=2), EP=4 (edp=1), EP=2 x TP=2 without and with sequence parallel, EP=2
 levels pair=2 x node=2, expert levels node=2, hpZ), dropless; EP=2 with a capacity factor that drops
 ~10% of the assignments (the same per-micro-batch rule as the reference, applied at the source rank);
 and EP=2 with DeepSeek-style routing (sigmoid scores, shared expert, auxiliary-loss-free bias updated
-from the global counts every step). Tiny model: 2 layers, 4 experts, top-2, 2 micro-batches per rank
+from the global counts every step). The same with parallel.ep_overlap_chunks 2 / 4 (token chunks whose
+all-to-alls overlap the experts; routing and capacity unchanged): dropless EP=2, EP=4, EP=2 x TP=2 with
+sequence parallel, capacity EP=2 and EP=2 x hierarchical ZeRO-3 (issuing the same weight all-gathers as
+without chunks), against the same references. Tiny model: 2 layers, 4 experts, top-2, 2 micro-batches per rank
 (gradient accumulation under no_sync), clipping active (max norm 0.3).
 """
 import contextlib
@@ -94,6 +97,13 @@ LAYOUTS = {  # name: (model kind, parallel config, zero config)
                        dict(stage=3, secondary_partition_level="pair")),
     "ep2-capacity": ("capacity", dict(ep=2), dict(stage=2)),
     "ep2-deepseek": ("deepseek", dict(ep=2, dp_pair=2), dict(stage=3)),
+    # parallel.ep_overlap_chunks: the chunked, overlapped dispatcher (shardwise.parallel.ep_overlap).
+    "ep2-overlap2": ("dropless", dict(ep=2, ep_overlap_chunks=2), dict(stage=0)),
+    "ep4-overlap4": ("dropless", dict(ep=4, ep_overlap_chunks=4), dict(stage=0)),
+    "ep2-tp2-sp-overlap2": ("dropless", dict(ep=2, tp=2, sequence_parallel=True, ep_overlap_chunks=2), dict(stage=1)),
+    "ep2-capacity-overlap4": ("capacity", dict(ep=2, ep_overlap_chunks=4), dict(stage=2)),
+    "ep2-zero3-hier-overlap2": ("dropless", dict(ep=2, dp_pair=2, dp_node=2, ep_overlap_chunks=2),
+                                dict(stage=3, secondary_partition_level="pair")),
 }
 ABLATED = {"ep2-ablate-missing_reduction": ("dropless", dict(ep=2), dict(stage=2))}
 
@@ -107,6 +117,7 @@ def _run(rank, world, names):
     from shardwise.testing.zero_reference import optim_config
     from shardwise.trainer.config import ParallelConfig
 
+    from shardwise.comm import collectives as C
     from shardwise.testing.ablation import ablate
 
     out = {}
@@ -123,8 +134,9 @@ def _run(rank, world, names):
         roundtrip = all(torch.equal(v, other[k]) for k, v in full_model_state_dict(model, tp, ep).items())
         load_full_model_state_dict(model, build_model(mcfg, 0).state_dict(), tp, ep)
         engine = MoEZeroEngine(model, ZeroConfig(**zkw), optim_config(), dims, device="cpu")
-        with ablate("missing_reduction" if name in ABLATED else None):
+        with ablate("missing_reduction" if name in ABLATED else None), C.record() as calls:
             losses, norms, dropped = train(model, engine, mcfg, dims.my_coords["dp"], dims.dp, dims.group("dp"))
+        gathers = sum(1 for c in calls if c.name == "all_gather_single")
         local = engine.full_state_dict(rank0_only=False)  # all experts, this tp rank's slices
         params = full_state_dict(model, tp, local=local)
         resumed = None
@@ -136,6 +148,7 @@ def _run(rank, world, names):
             resumed = all(torch.equal(v, local[k]) for k, v in e2.full_state_dict(rank0_only=False).items())
         out[name] = {"losses": losses, "norms": norms, "dropped": dropped, "params": params,
                      "local_experts": tuple(model.layers[0].mlp.experts.w1.shape),
+                     "chunks": getattr(model.layers[0].mlp.dispatcher, "chunks", 1), "gathers": gathers,
                      "expert_levels": [dist.get_world_size(g) for g in edp_levels(dims)[0]],
                      "expert_stage": engine.experts.stage, "roundtrip": roundtrip, "resumed": resumed}
     return out if rank == 0 else None
@@ -185,6 +198,7 @@ def test_matches_single_process(name, references, distributed):
     ref, got = references[(kind, _dp(pkw))], distributed[name]
     # Experts really are split: each rank held 4/ep of them.
     assert got["local_experts"][0] == 4 // pkw["ep"]
+    assert got["chunks"] == pkw.get("ep_overlap_chunks", 1), "parallel.ep_overlap_chunks did not reach the MoE layers"
     assert got["roundtrip"], "full_model_state_dict(load_full_model_state_dict(sd)) != sd"
     assert got["resumed"] in (None, True), "sharded state dict of MoEZeroEngine did not restore the model"
     _compare(got, ref, name)
@@ -199,6 +213,13 @@ def test_capacity_run_drops_tokens(references):
 def test_deepseek_bias_moved(references):
     b = references[("deepseek", 4)]["params"]["layers.0.mlp.router.expert_bias"]
     assert b.abs().sum() > 0
+
+
+def test_overlap_gathers_experts_once_per_layer(distributed):
+    """ZeRO-3 with ep_overlap_chunks=2 issues exactly the all-gathers of the unchunked run: the chunk pipeline
+    runs inside one call of the experts module, so its gather / free hooks fire once per layer."""
+    assert distributed["ep2-zero3-hier"]["gathers"] > 0
+    assert distributed["ep2-zero3-hier-overlap2"]["gathers"] == distributed["ep2-zero3-hier"]["gathers"]
 
 
 def test_expert_levels(distributed):

@@ -7,6 +7,8 @@ in every variant — EP adds the all-to-all and holds E/ep experts):
   local   one process, LocalDispatcher (sort by expert, index_add combine), all E experts
   ep2     2 ranks, AllToAllDispatcher over both
   ep4     4 ranks (more ranks than cores on small machines: compare with care)
+  ep2-overlap4  2 ranks, parallel.ep_overlap_chunks=4 (ChunkedAllToAllDispatcher: the layer's all-to-alls
+          overlap the other chunks' experts; its dispatch_ms is the unchunked dispatch it inherits)
 Metrics per (T tokens, E experts), slowest rank, median of `--iters` after one warm-up iteration:
   T{T}_E{E}_dispatch_ms   dispatch + combine forward alone (identity experts): permutation, count
                           exchange, both all-to-alls, un-permute
@@ -48,12 +50,12 @@ def _median_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def _worker(rank, world, grid, iters, hidden, ffn, top_k):
+def _worker(rank, world, grid, iters, hidden, ffn, top_k, chunks=1):
     import torch
     import torch.distributed as dist
 
     from shardwise.models.moe import MoELayer
-    from shardwise.parallel.expert_parallel import apply_expert_parallel
+    from shardwise.parallel.ep_overlap import apply_expert_parallel_overlapped
 
     out = {}
     for t, e in grid:
@@ -62,7 +64,7 @@ def _worker(rank, world, grid, iters, hidden, ffn, top_k):
         for p in layer.parameters():
             torch.nn.init.normal_(p, 0, 0.05)
         if world > 1:
-            apply_expert_parallel(layer, dist.group.WORLD)
+            apply_expert_parallel_overlapped(layer, dist.group.WORLD, chunks)
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(1, t, hidden, generator=g)
 
@@ -94,9 +96,9 @@ def _worker(rank, world, grid, iters, hidden, ffn, top_k):
     return out if rank == 0 else None
 
 
-def run_variant(world: int, grid, iters, hidden, ffn, top_k) -> dict:
+def run_variant(world: int, grid, iters, hidden, ffn, top_k, chunks: int = 1) -> dict:
     from shardwise.testing import run_distributed
-    return run_distributed(_worker, world, grid, iters, hidden, ffn, top_k, timeout=600)[0]
+    return run_distributed(_worker, world, grid, iters, hidden, ffn, top_k, chunks, timeout=600)[0]
 
 
 def main(argv=None) -> int:
@@ -114,8 +116,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="moe_dispatch")
     a = ap.parse_args(argv)
     grid = [(int(t), int(e)) for t in a.tokens.split(",") for e in a.experts.split(",")]
-    worlds = {"local": 1, "ep2": 2, "ep4": 4}
-    variants = [Variant(v, fn=partial(run_variant, worlds[v], grid, a.iters, a.hidden, a.ffn, a.top_k))
+    worlds = {"local": (1, 1), "ep2": (2, 1), "ep4": (4, 1), "ep2-overlap4": (2, 4)}  # (ranks, ep_overlap_chunks)
+    variants = [Variant(v, fn=partial(run_variant, worlds[v][0], grid, a.iters, a.hidden, a.ffn, a.top_k,
+                                      worlds[v][1]))
                 for v in a.variants.split(",")]
     res = run_benchmark(a.name, variants, repeats=a.repeats, warmup=a.warmup, baseline=variants[0].name,
                         out_dir=a.out, extra={"grid": grid, "hidden": a.hidden, "ffn": a.ffn, "top_k": a.top_k,

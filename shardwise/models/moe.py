@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +188,19 @@ def capacity_keep_mask(expert_idx: torch.Tensor, probs: torch.Tensor, num_expert
     return keep
 
 
-class LocalDispatcher:
+class Dispatcher:
+    """Base of the dispatchers: `run` is the whole routed-expert step of MoELayer, dispatch -> experts ->
+    combine. The overlapped expert-parallel dispatcher (shardwise.parallel.ep_overlap) overrides it to
+    pipeline token chunks; every other dispatcher only provides dispatch and combine."""
+
+    def run(self, x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor,
+            num_tokens: int, experts: nn.Module, num_experts: int) -> torch.Tensor:
+        xs, seg_counts, ctx = self.dispatch(x, token_idx, expert_idx, num_experts)
+        ys = experts(xs, seg_counts)
+        return self.combine(ys, ctx, token_idx, weights, num_tokens)
+
+
+class LocalDispatcher(Dispatcher):
     """Single-device dispatch: sort (token, expert) assignments by expert so each expert's tokens are
     one contiguous segment; combine scatters the weighted expert outputs back with index_add.
     Interface: dispatch -> (rows for this rank's experts grouped by local expert, rows per local expert,
@@ -217,7 +229,17 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, ffn_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Optional[torch.Tensor], counts: Optional[torch.Tensor],
+                pipeline: Optional[Callable[[Callable], torch.Tensor]] = None) -> torch.Tensor:
+        """Rows x [N, d] grouped by expert (counts[i] rows for expert i) -> [N, d]. pipeline: instead, return
+        pipeline(compute) where compute(x, counts) is that computation; the overlapped expert-parallel
+        dispatcher (shardwise.parallel.ep_overlap) runs all its chunks inside ONE call of this module, so
+        hooks on it (ZeRO-3 gathers the weights before, frees them after) fire once per layer, not per chunk."""
+        if pipeline is not None:
+            return pipeline(self.compute)
+        return self.compute(x, counts)
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         h = F.silu(grouped_matmul(x, self.w1, counts)) * grouped_matmul(x, self.w3, counts)
         return grouped_matmul(h, self.w2, counts)
 
@@ -315,9 +337,7 @@ class MoELayer(nn.Module):
             # grouped_mm is not on autocast's list: cast the routed rows ourselves so the experts run (and
             # the expert-parallel all-to-all travels) in the autocast dtype, not in the fp32 of the norm.
             xd = xe.to(torch.get_autocast_dtype(xe.device.type))
-        xs, seg_counts, order = self.dispatcher.dispatch(xd, token_idx, flat_e, self.num_experts)
-        ys = self.experts(xs, seg_counts)
-        out = self.dispatcher.combine(ys, order, token_idx, weights, t)
+        out = self.dispatcher.run(xd, token_idx, flat_e, weights, t, self.experts, self.num_experts)
         if self.shared is not None:
             shared = self.shared(xe)
             if self.shared_gate is not None:

@@ -24,13 +24,13 @@ ZeRO-3 gathers of expert weights happen on every expert-data-parallel rank.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ..comm import collectives as C
-from ..models.moe import LocalDispatcher, MoELayer
+from ..models.moe import Dispatcher, LocalDispatcher, MoELayer
 from .tensor_parallel import _rank, _size, mark_sharded
 
 
@@ -57,21 +57,22 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def chunk_permutation(counts: torch.Tensor) -> torch.Tensor:
+def chunk_permutation(counts: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
     """counts [A, B]: row chunks laid out A-major (chunk (a, b) has counts[a, b] rows). Returns the row
-    permutation that lays them out B-major: rows[perm] = [(0,0), (1,0), ..., (A-1,0), (0,1), ...]."""
+    permutation that lays them out B-major: rows[perm] = [(0,0), (1,0), ..., (A-1,0), (0,1), ...].
+    total: counts.sum() when the caller knows it already (saves a host sync)."""
     a, b = counts.shape
     flat = counts.reshape(-1)
     starts = torch.cumsum(flat, 0) - flat
     ids = torch.arange(a * b, device=counts.device).view(a, b).t().reshape(-1)
     lens = flat[ids]
     new_starts = torch.cumsum(lens, 0) - lens
-    total = int(flat.sum())
+    total = int(flat.sum()) if total is None else total
     shift = torch.repeat_interleave(starts[ids] - new_starts, lens, output_size=total)
     return torch.arange(total, device=counts.device) + shift
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(Dispatcher):
     """Dispatcher of an expert-parallel MoE layer (interface of moe.LocalDispatcher): this rank holds the
     routed experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) of the `group` (the ep group)."""
 
@@ -107,9 +108,10 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def apply_expert_parallel(model: nn.Module, group) -> None:
+def apply_expert_parallel(model: nn.Module, group, make_dispatcher: Callable = AllToAllDispatcher) -> None:
     """Keep this rank's contiguous block of E/ep routed experts in every MoE layer (after tensor parallel,
-    whose `tp_shard_dim` marker is kept) and swap in the all-to-all dispatcher over `group`."""
+    whose `tp_shard_dim` marker is kept) and swap in the all-to-all dispatcher over `group`:
+    make_dispatcher(group, num_experts) (ep_overlap.apply_expert_parallel_overlapped passes the chunked one)."""
     ep, r = _size(group), _rank(group)
     for moe in moe_layers(model):
         ex = moe.experts
@@ -121,7 +123,7 @@ def apply_expert_parallel(model: nn.Module, group) -> None:
             part = nn.Parameter(full.detach()[r * n:(r + 1) * n].clone())
             dim = getattr(full, "tp_shard_dim", None)
             setattr(ex, name, mark_sharded(part, dim) if dim is not None else part)
-        moe.dispatcher = AllToAllDispatcher(group, moe.num_experts)
+        moe.dispatcher = make_dispatcher(group, moe.num_experts)
 
 
 def ep_group_of(model: nn.Module) -> Optional[object]:

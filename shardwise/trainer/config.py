@@ -167,6 +167,11 @@ class ParallelConfig:
     reduce-scatter (sequence parallel) or all-reduce runs asynchronously while the next chunk is
     computed. 1 = the unchunked layers (exact, unchanged code path). >1 needs tp > 1 and data.seq_len
     divisible by tp * tp_overlap_chunks (SP), or micro_batch_size * seq_len divisible by it (no SP)."""
+    ep_overlap_chunks: int = 1
+    """Expert parallel: after routing on the whole micro-batch, split the kept assignments by token range
+    into this many chunks and pipeline them, so one chunk's dispatch / combine all-to-all runs
+    asynchronously while another chunk's experts compute (forward and backward). 1 = the unchunked
+    dispatcher (exact, unchanged code path). >1 needs ep > 1; routing, capacity and aux losses unchanged."""
     microbatches: Optional[int] = None
     """Pipeline micro-batches per step; null = gradient-accumulation steps. Used with pp > 1."""
     pp_schedule: PPSchedule = PPSchedule["1f1b"]

@@ -173,6 +173,11 @@ def validate_config(cfg: ShardwiseConfig, world_size: int) -> None:
     elif c > 1 and not p.sequence_parallel and (d.micro_batch_size * d.seq_len) % c:
         problems.append(f"parallel.tp_overlap_chunks={c} must divide the tokens per micro-batch "
                         f"data.micro_batch_size * data.seq_len = {d.micro_batch_size * d.seq_len}; lower it")
+    if p.ep_overlap_chunks < 1:
+        problems.append(f"parallel.ep_overlap_chunks={p.ep_overlap_chunks} must be >= 1 (1 = no chunking)")
+    elif p.ep_overlap_chunks > 1 and p.ep == 1:
+        problems.append(f"parallel.ep_overlap_chunks={p.ep_overlap_chunks} needs parallel.ep > 1 (set it to 1 "
+                        "without expert parallel)")
     if p.pp > 1 and m.num_layers < p.pp:
         problems.append(f"parallel.pp={p.pp} exceeds model.num_layers={m.num_layers}: a stage would have no layer")
     problems += _pipeline_problems(p, m, d)
