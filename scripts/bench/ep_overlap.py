@@ -40,7 +40,7 @@ def _layers(a, ffn: int, chunk_list: list[int]):
     import torch.distributed as dist
     from torch import nn
     from shardwise.models.moe import MoELayer
-    from shardwise.parallel.expert_parallel import apply_expert_parallel
+    from shardwise.parallel.ep_overlap import apply_expert_parallel_overlapped
 
     def build(p):
         torch.manual_seed(0)
@@ -50,7 +50,7 @@ def _layers(a, ffn: int, chunk_list: list[int]):
                 w.normal_(0, 0.02)
         holder = nn.Module()
         holder.moe = moe
-        apply_expert_parallel(holder, dist.group.WORLD, overlap_chunks=p)
+        apply_expert_parallel_overlapped(holder, dist.group.WORLD, p)
         return moe
     gen = torch.Generator().manual_seed(1 + dist.get_rank())  # ranks see different micro-batches, as under EP
     x = torch.randn(a.batch, a.seq, a.hidden, generator=gen).requires_grad_(True)

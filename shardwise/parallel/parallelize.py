@@ -33,13 +33,13 @@ def parallelize_model(model: Transformer, dims: ParallelDims, cfg) -> Transforme
     # 2. Tensor (+ sequence) parallel.
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.group("tp"), cfg.sequence_parallel,
-                              overlap_chunks=getattr(cfg, "tp_overlap_chunks", 1))
+                              overlap_chunks=cfg.tp_overlap_chunks)
     # 3. Expert parallel: each ep rank keeps its block of the routed experts, and tokens reach them by
     #    all-to-all over dims.group("ep") (shardwise.parallel.expert_parallel).
     #    parallel.ep_overlap_chunks > 1: the chunked dispatcher overlapping them (shardwise.parallel.ep_overlap).
     if dims.ep > 1:
         from .ep_overlap import apply_expert_parallel_overlapped
-        apply_expert_parallel_overlapped(model, dims.group("ep"), getattr(cfg, "ep_overlap_chunks", 1))
+        apply_expert_parallel_overlapped(model, dims.group("ep"), cfg.ep_overlap_chunks)
     # 4. Data parallel / ZeRO: the trainer wraps the result in the flat-buffer engine over the dp levels
     #    (data_parallel.build_data_parallel), which also owns the optimizer.
     return plan.build(model) if plan is not None else model
