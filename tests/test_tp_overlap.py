@@ -153,6 +153,15 @@ def _check_column(world):
                 torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
             res[("col events", name, P)] = _events(True, P, g, None, None,
                                                    fn=lambda log: _column_out(x_full, ws, bs, P, g, log))
+        # bf16 autocast (fp32 parameters, as trainer.precision=bf16 without bf16 weights): the fused op
+        # casts its operands like F.linear, and the gradients reach the fp32 parameters in fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref, got = _column_out(x_full, ws, bs, 1, g), _column_out(x_full, ws, bs, 2, g)
+        assert all(y.dtype == torch.bfloat16 for y in got[0]) and got[1].dtype == torch.float32
+        for a, b in zip(_flat(got), _flat(ref)):
+            assert a.dtype == b.dtype
+            # bf16 roundoff (the weight gradient is also rounded once per piece): relative to the scale
+            assert float((a.float() - b.float()).abs().max()) <= 2e-2 * float(b.float().abs().max()), name
     return res
 
 
