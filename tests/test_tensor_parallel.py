@@ -41,7 +41,12 @@ _overrides = tiny_overrides
 def _summary(tr, hist):
     """(losses, aux losses, grad norms, full params gathered over tp, this rank's local replicated params,
     mesh coordinates, dropped fractions)."""
-    replicated = {k: p.detach().clone() for k, p in tr.raw_model.named_parameters() if not hasattr(p, "tp_shard_dim")}
+    params = dict(tr.raw_model.named_parameters())
+    if tr.cfg.zero.stage == 3:  # the module's storage is freed between uses: this tp rank's masters
+        local = tr.engine.full_state_dict(rank0_only=False)
+        replicated = {k: local[k].clone() for k, p in params.items() if not hasattr(p, "tp_shard_dim")}
+    else:
+        replicated = {k: p.detach().clone() for k, p in params.items() if not hasattr(p, "tp_shard_dim")}
     return ([h["loss"] for h in hist] + [h["eval_loss"] for h in hist if "eval_loss" in h],
             [h.get("aux_loss") for h in hist], [h["grad_norm"] for h in hist], tr.full_state_dict(), replicated,
             tr.dims.my_coords, [h.get("moe_dropped_fraction") for h in hist])
@@ -114,6 +119,8 @@ TP2_CASES = {  # name: (reference, recipe, overrides)
     "dense tp2 sp overlap2": ("dense", "tiny_dense", ["parallel.tp=2", "parallel.sequence_parallel=true",
                                                       "parallel.tp_overlap_chunks=2"]),
     "dense tp2 overlap4": ("dense", "tiny_dense", ["parallel.tp=2", "parallel.tp_overlap_chunks=4"]),
+    "moe tp2 sp overlap2 zero3": ("moe", "tiny_moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                      "parallel.tp_overlap_chunks=2", "zero.stage=3"]),
     "moe tp2 sp capacity": ("moe_capacity", "tiny_moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
                                                          *CAPACITY_1STEP]),
 }
@@ -127,6 +134,16 @@ TP4_CASES = {
     "moe tp2 x dp2": ("moe", "tiny_moe", ["parallel.tp=2"]),
     "moe tp2 x dp_pair2 sp": ("moe", "tiny_moe", ["parallel.tp=2", "parallel.dp_pair=2",
                                                   "parallel.sequence_parallel=true"]),
+    # parallel.tp_overlap_chunks under SP: the row-parallel half and the fused column-parallel half
+    # (chunked sequence all-gather + q/k/v, w1/w3 GEMMs); ZeRO-3 gathers each block's parameters and
+    # the recompute replays the chunked collectives.
+    "dense tp4 sp overlap2": ("dense_kv4", "tiny_dense", ["parallel.tp=4", "parallel.sequence_parallel=true",
+                                                         "parallel.tp_overlap_chunks=2", *KV4]),
+    "moe tp4 sp overlap4": ("moe_kv4", "tiny_moe", ["parallel.tp=4", "parallel.sequence_parallel=true",
+                                                   "parallel.tp_overlap_chunks=4", *KV4]),
+    "dense tp2 x dp2 sp overlap2 zero3 recompute": ("dense", "tiny_dense", [
+        "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.tp_overlap_chunks=2", "zero.stage=3",
+        "trainer.activation_checkpointing=full"]),
 }
 
 

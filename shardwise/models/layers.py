@@ -64,6 +64,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def project_linears(linears, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each linear applied to x: the default `project_in` of Attention / SwiGLU. Tensor parallel may
+    install a fused one (shardwise.parallel.tp_overlap_column: under sequence parallel with
+    parallel.tp_overlap_chunks > 1 it gathers x's sequence in pieces that overlap the GEMMs, so x is
+    then a sequence shard and the outputs cover the whole sequence)."""
+    return tuple(lin(x) for lin in linears)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention (num_kv_heads divides num_heads) with RoPE; q/k/v biases when
     qkv_bias (Qwen), no output bias."""
@@ -75,13 +83,13 @@ class Attention(nn.Module):
         self.wk = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(num_heads * self.head_dim, hidden, bias=False)
+        self.project_in = project_linears  # the q/k/v projections of x (overridable: see project_linears)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        b, s, _ = x.shape
+        q, k, v = self.project_in((self.wq, self.wk, self.wv), x)
+        b, s = q.shape[:2]  # the whole sequence, of which x may be a shard (project_in)
         # -1: the head count is whatever this rank's projection holds (all heads, or a TP slice).
-        q = self.wq(x).view(b, s, -1, self.head_dim)
-        k = self.wk(x).view(b, s, -1, self.head_dim)
-        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         gqa = q.shape[1] != k.shape[1]
@@ -97,6 +105,8 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(hidden, ffn_hidden, bias=False)
         self.w3 = nn.Linear(hidden, ffn_hidden, bias=False)
         self.w2 = nn.Linear(ffn_hidden, hidden, bias=False)
+        self.project_in = project_linears  # the w1/w3 projections of x (overridable: see project_linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h1, h3 = self.project_in((self.w1, self.w3), x)
+        return self.w2(F.silu(h1) * h3)

@@ -54,14 +54,26 @@ def _check_divides(tp: int, what: str, n: int) -> None:
         raise ValueError(f"tensor parallel: parallel.tp={tp} must divide {what}={n}")
 
 
-def _swiglu_tp(mlp: SwiGLU, group, sp: bool, *, in_region: bool) -> None:
+def _enter_region(module, group, sp: bool, chunks: int) -> None:
+    """Enter the TP region once for the projections sharing the module's input (q/k/v, w1/w3): the
+    pre-hook (copy_to_tp, or the all-gather of the sequence under SP), or, under SP with
+    parallel.tp_overlap_chunks > 1, the fused chunked gather + GEMMs as the module's project_in
+    (tp_overlap_column.py), which takes the sequence shard itself."""
+    if sp and chunks > 1:
+        from .tp_overlap_column import ChunkedProjection
+        module.project_in = ChunkedProjection(group, chunks)
+    else:
+        module.register_forward_pre_hook(partial(_enter_hook, group, sp))
+
+
+def _swiglu_tp(mlp: SwiGLU, group, sp: bool, *, in_region: bool, chunks: int = 1) -> None:
     """w1/w3 column-parallel, w2 row-parallel. in_region: the caller already entered the TP region
     and sums the output (MoE shared experts), so no hook and no reduction here."""
     mlp.w1 = ColumnParallelLinear.from_linear(mlp.w1, group, enter_region=False)
     mlp.w3 = ColumnParallelLinear.from_linear(mlp.w3, group, enter_region=False)
     mlp.w2 = RowParallelLinear.from_linear(mlp.w2, group, sequence_parallel=sp, reduce_output=not in_region)
     if not in_region:
-        mlp.register_forward_pre_hook(partial(_enter_hook, group, sp))
+        _enter_region(mlp, group, sp, chunks)
 
 
 def apply_tensor_parallel(model: Transformer, group, sequence_parallel: bool, overlap_chunks: int = 1) -> None:
@@ -78,12 +90,12 @@ def apply_tensor_parallel(model: Transformer, group, sequence_parallel: bool, ov
     model.tp_head = VocabParallelHead(group, sp)
 
     for block in model.layers:
-        _block_tp(block, group, sp)
+        _block_tp(block, group, sp, overlap_chunks)
     if model.mtp is not None:
         # MTP modules: their block as any other; the input projection runs replicated (on this rank's sequence
         # chunk under SP, so its gradient is partial there), the shifted embeddings cross sequence shards.
         for m in model.mtp:
-            _block_tp(m.block, group, sp)
+            _block_tp(m.block, group, sp, overlap_chunks)
             if sp:
                 m.proj.weight.sequence_parallel = True
         if sp:
@@ -94,13 +106,15 @@ def apply_tensor_parallel(model: Transformer, group, sequence_parallel: bool, ov
         for m in model.modules():
             if isinstance(m, RMSNorm):
                 m.weight.sequence_parallel = True
-    if overlap_chunks > 1:  # parallel.tp_overlap_chunks: chunked GEMM + async collective (tp_overlap.py)
+    # parallel.tp_overlap_chunks: chunked GEMM + async collective, row-parallel half (tp_overlap.py); the
+    # column-parallel half (SP only) is installed per module by _enter_region.
+    if overlap_chunks > 1:
         for m in model.modules():
             if isinstance(m, RowParallelLinear):
                 m.overlap_chunks = overlap_chunks
 
 
-def _attention_tp(attn: Attention, group, sp: bool) -> None:
+def _attention_tp(attn: Attention, group, sp: bool, chunks: int = 1) -> None:
     tp = _size(group)
     heads, kv = attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
     _check_divides(tp, "model.num_heads", heads)
@@ -110,7 +124,7 @@ def _attention_tp(attn: Attention, group, sp: bool) -> None:
     for name in ("wq", "wk", "wv"):
         setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), group, enter_region=False))
     attn.wo = RowParallelLinear.from_linear(attn.wo, group, sequence_parallel=sp)
-    attn.register_forward_pre_hook(partial(_enter_hook, group, sp))
+    _enter_region(attn, group, sp, chunks)
 
 
 def _mla_tp(attn: MLAttention, group, sp: bool) -> None:
@@ -129,12 +143,12 @@ def _mla_tp(attn: MLAttention, group, sp: bool) -> None:
                 getattr(attn, name).weight.sequence_parallel = True
 
 
-def _block_tp(block, group, sp: bool) -> None:
+def _block_tp(block, group, sp: bool, chunks: int = 1) -> None:
     tp = _size(group)
     if isinstance(block.attn, MLAttention):
         _mla_tp(block.attn, group, sp)
     else:
-        _attention_tp(block.attn, group, sp)
+        _attention_tp(block.attn, group, sp, chunks)
     if isinstance(block.mlp, MoELayer):
         moe = block.mlp
         ex = moe.experts
@@ -148,4 +162,4 @@ def _block_tp(block, group, sp: bool) -> None:
         moe.tp_region = TPRegion(group, sp)
     else:
         _check_divides(tp, "model.ffn_hidden_size", block.mlp.w1.out_features)
-        _swiglu_tp(block.mlp, group, sp, in_region=False)
+        _swiglu_tp(block.mlp, group, sp, in_region=False, chunks=chunks)

@@ -165,8 +165,13 @@ class ParallelConfig:
     tp_overlap_chunks: int = 1
     """Split each row-parallel linear (attention output, MLP w2) into this many GEMM chunks whose
     reduce-scatter (sequence parallel) or all-reduce runs asynchronously while the next chunk is
-    computed. 1 = the unchunked layers (exact, unchanged code path). >1 needs tp > 1 and data.seq_len
-    divisible by tp * tp_overlap_chunks (SP), or micro_batch_size * seq_len divisible by it (no SP)."""
+    computed. Under sequence parallel also the column-parallel entry of attention (q/k/v) and of the
+    dense MLP (w1/w3): one fused op all-gathers the sequence in this many pieces, the gather of the
+    next piece in flight while the current piece's GEMMs run (backward: the grad-input reduce-scatter
+    of a piece flies during its weight-gradient GEMMs). Without SP the column-parallel input needs no
+    gather and is unchanged. 1 = the unchunked layers (exact, unchanged code path). >1 needs tp > 1
+    and data.seq_len divisible by tp * tp_overlap_chunks (SP), or micro_batch_size * seq_len
+    divisible by it (no SP)."""
     ep_overlap_chunks: int = 1
     """Expert parallel: after routing on the whole micro-batch, split the kept assignments by token range
     into this many chunks and pipeline them, so one chunk's dispatch / combine all-to-all runs
