@@ -17,12 +17,14 @@ from shardwise.testing import run_distributed
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _layer_out(x_full, w_full, sp, chunks, group):
+def _layer_out(x_full, w_full, sp, chunks, group, amp=False):
+    """amp: the forward under bf16 autocast, the backward outside it (as the trainer runs them)."""
     layer = RowParallelLinear.from_linear(_linear(w_full), group, sequence_parallel=sp)
     layer.overlap_chunks = chunks
     n, r = dist.get_world_size(group), dist.get_rank(group)
     x = x_full.chunk(n, dim=2)[r].clone().requires_grad_(True)  # the input is split on its features
-    y = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        y = layer(x)
     # A rank-dependent upstream gradient: exercises the backward all-gather of every shard.
     g = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y) * (r + 1)
     y.backward(g)
@@ -83,6 +85,12 @@ def _check(rank, world):
             for a, b in zip(got, ref):
                 torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
             res[("events", sp, P)] = _events(sp, P, g, x_full, w_full)
+        # bf16 autocast over fp32 weights: operands cast like F.linear, fp32 gradients back (the backward of
+        # an uncast Function would multiply a bf16 gradient with the fp32 weight and fail).
+        ref16, got16 = _layer_out(x_full, w_full, sp, 1, g, amp=True), _layer_out(x_full, w_full, sp, 2, g, amp=True)
+        for a, b in zip(got16, ref16):
+            assert a.dtype == b.dtype, (sp, a.dtype, b.dtype)
+            assert float((a.float() - b.float()).abs().max()) <= 2e-2 * float(b.float().abs().max()), sp
     # The config field reaches the layers: parallelize_model chunks every reducing row-parallel linear.
     from shardwise.models import build_model
     from shardwise.parallel import ParallelDims, parallelize_model

@@ -19,8 +19,17 @@ import torch.distributed as dist
 from ..comm import collectives as C
 
 
-def _n(group) -> int:
+def _n(group) -> int:  # not tensor_parallel._size: that module imports this one (no import cycle)
     return dist.get_world_size(group)
+
+
+def autocast_operand(t, device_type: str):
+    """`t` in the dtype autocast would give F.linear's operands: a custom autograd Function is not autocast
+    itself, and its backward runs outside autocast, so operands are cast before `apply` (the cast's own
+    backward then returns fp32 gradients to fp32 parameters)."""
+    if t is None or not torch.is_autocast_enabled(device_type):
+        return t
+    return t.to(torch.get_autocast_dtype(device_type))
 
 
 class _RowParallelChunked(torch.autograd.Function):
@@ -95,4 +104,6 @@ def _forward_all_reduce(x, weight, group, chunks):
 def row_parallel_chunked(x: torch.Tensor, weight: torch.Tensor, group, sequence_parallel: bool,
                          chunks: int) -> torch.Tensor:
     """y = exit_tp_region(x W^T) with the GEMM split in `chunks` pieces overlapping their collectives."""
-    return _RowParallelChunked.apply(x, weight, group, sequence_parallel, chunks)
+    dt = x.device.type
+    return _RowParallelChunked.apply(autocast_operand(x, dt), autocast_operand(weight, dt), group, sequence_parallel,
+                                     chunks)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import collectives as C
+from .tp_overlap import autocast_operand
 
 
 class _ColumnParallelChunked(torch.autograd.Function):
@@ -101,20 +102,13 @@ def _linear(x, w, b):
     return y + b if b is not None else y
 
 
-def _autocast(t, device_type):
-    """The dtype autocast would give F.linear's operands (a custom Function is not autocast itself)."""
-    if t is None or not torch.is_autocast_enabled(device_type):
-        return t
-    return t.to(torch.get_autocast_dtype(device_type))
-
-
 def column_parallel_chunked(linears, x: torch.Tensor, group, chunks: int) -> tuple[torch.Tensor, ...]:
     """(l(gather_seq_to_tp(x)) for l in linears) with one all-gather split in `chunks` pieces that
     overlap the GEMMs. linears: ColumnParallelLinear modules (enter_region=False, no gather_output)
     sharing the input x, this rank's sequence shard [B, S/tp, K]."""
     dt = x.device.type
-    params = [_autocast(p, dt) for lin in linears for p in (lin.weight, lin.bias)]
-    return _ColumnParallelChunked.apply(_autocast(x, dt), group, chunks, *params)
+    params = [autocast_operand(p, dt) for lin in linears for p in (lin.weight, lin.bias)]
+    return _ColumnParallelChunked.apply(autocast_operand(x, dt), group, chunks, *params)
 
 
 class ChunkedProjection:
