@@ -6,7 +6,9 @@ parameter and the balancing-bias buffers; bounds of shardwise/testing/tolerance.
   sequence-wise loss, shared + fine-grained experts, one MTP module) at EP=2 x TP=2 with sequence parallel
   and ZeRO-3 (the latent projections' and the MTP projection's partial gradients, the MTP input shift across
   sequence shards, the experts' unit hooks), and at PP=2 x EP=2 (ZeRO-1; MTP off: not supported with pp);
-- tiny_qwen_moe (q/k/v biases, gated shared expert) at EP=2 x TP=2 (ZeRO-1) and PP=2 x DP=2 (ZeRO-2);
+- tiny_qwen_moe (q/k/v biases, gated shared expert) at EP=2 x TP=2 (ZeRO-1), at EP=2 x TP=2 with sequence
+  parallel, ZeRO-3 and both overlap knobs (parallel.tp_overlap_chunks=2, parallel.ep_overlap_chunks=2), and
+  PP=2 x DP=2 (ZeRO-2);
 - every comparison can fail: the same EP x TP run with the data-parallel gradient reductions skipped must
   not match.
 Two launches: one process for the references, four for everything else.
@@ -29,6 +31,11 @@ CASES = {
     "v3_pp2_ep2": ("tiny_deepseek_v3", NO_MTP, ["parallel.pp=2", "parallel.ep=2", "zero.stage=1",
                                                   "parallel.pp_schedule=1f1b"], None),
     "qwen_ep2_tp2": ("tiny_qwen_moe", [], EP_TP + ["zero.stage=1"], None),
+    # both overlap knobs at once: chunked row- and column-parallel GEMMs (q/k/v with biases) and chunked
+    # expert all-to-alls, under sequence parallel and ZeRO-3
+    "qwen_ep2_tp2_sp_overlap": ("tiny_qwen_moe", [], EP_TP + ["parallel.sequence_parallel=true", "zero.stage=3",
+                                                             "parallel.tp_overlap_chunks=2",
+                                                             "parallel.ep_overlap_chunks=2"], None),
     "qwen_pp2": ("tiny_qwen_moe", [], ["parallel.pp=2", "zero.stage=2", "parallel.pp_schedule=1f1b"], None),
     "v3_ep2_tp2_ablated": ("tiny_deepseek_v3", [], EP_TP + ["zero.stage=1"], "missing_reduction"),
 }
