@@ -135,7 +135,7 @@ def worker(a) -> None:
         comp_s = res["variants"]["compute"]["stats"]["layer_s"]["median"]
         s = summarize(res, a.chunk_list, comm, comp_s)
         s.update(layer=a.layer, tp=n, rate=a.rate, width=width, batch=a.batch, seq=a.seq, out_features=a.out_features,
-                 projections=a.projections if a.layer == "column" else None, comm_bytes_recorded=len(rec.calls))
+                 projections=a.projections if a.layer == "column" else None, collectives_recorded=len(rec.calls))
         path = Path(res["json_path"])
         data = json.loads(path.read_text())
         data["extra"] = s
