@@ -17,7 +17,9 @@ Not part of the unit suite.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -132,3 +134,93 @@ def run_job(script: Path, nodes: int, rate: str, spec: dict, timeout: float, tag
             logs = "".join(f.read_text()[-2000:] for f in sorted(Path(tmp, "emu").glob("node*.log")))
             raise RuntimeError(f"{tag}: emulated job failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-2000:]}\n{logs}")
         return json.loads(res.read_text())
+
+
+# ---------------------------------------------------------------- what both benchmarks' workers and mains share
+def add_common_args(ap: argparse.ArgumentParser, group: str) -> None:
+    """The options of both benchmarks (`group`: the name of the spread group, tp or ep)."""
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--nodes", type=int, default=2, help=f"{group} size: one rank per emulated node")
+    ap.add_argument("--rate", default="1gbit", help="inter-node rate per direction")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=1024, help="sequence length per rank's micro-batch")
+    ap.add_argument("--no-balance", dest="balance", action="store_false",
+                    help="keep the given inner width (default: rescale it so that compute ~ communication)")
+    ap.add_argument("--chunks", default="1,2,4,8")
+    ap.add_argument("--iters", type=int, default=5, help="timed forward+backward passes per sample")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--out", default="bench_out")
+
+
+def parse(ap: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    a = ap.parse_args(argv)
+    a.chunk_list = sorted({int(c) for c in a.chunks.split(",")} | {1})
+    if a.worker:
+        vars(a).update(json.loads(a.spec))
+    return a
+
+
+def init_worker():
+    """One thread per rank (one rank per core), the gloo group over the emulated nodes; a recorder."""
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    return CollectiveRecorder()
+
+
+def comm_of(rec: CollectiveRecorder, step: Callable[[], None]) -> float:
+    """Warm `step` up, record the collectives of one more call, return their replay time alone."""
+    step()
+    rec.calls.clear()
+    rec.active = True
+    step()
+    rec.active = False
+    return rec.replay(None)
+
+
+def balanced_width(width: int, comm_s: float, comp_s: float, quantum: int) -> int:
+    """The inner width at which compute (proportional to it) ~ communication (independent of it), as rank 0
+    measured it, rounded to `quantum` and broadcast so every rank builds the same layer."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([max(quantum, round(width * comm_s / max(comp_s, 1e-9) / quantum) * quantum)])
+    dist.broadcast(t, 0)
+    return int(t)
+
+
+def run_and_write(name: str, variants: list, a, comm_s: float, compute_variant: bool, info: dict) -> None:
+    """Time `variants` interleaved on every rank (harness.py); rank 0 writes <out>/<name>.json (+ .png) with
+    the summary under "extra", and the summary alone to the launcher's result file. Ends the process."""
+    import torch.distributed as dist
+    from harness import run_benchmark
+    r = dist.get_rank()
+    res = run_benchmark(name, variants, repeats=a.repeats, warmup=1, baseline="P=1",
+                        out_dir=a.out if r == 0 else None, verbose=r == 0)
+    if r == 0:
+        comp_s = res["variants"]["compute"]["stats"]["layer_s"]["median"] if compute_variant else None
+        s = {**summarize(res, a.chunk_list, comm_s, comp_s), **info, "rate": a.rate, "world": dist.get_world_size()}
+        path = Path(res["json_path"])
+        data = json.loads(path.read_text())
+        data["extra"] = s
+        path.write_text(json.dumps(data, indent=2))
+        Path(a.json).write_text(json.dumps(s))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo can abort at interpreter exit after destroy_process_group
+
+
+def launch(script: Path, a, keys: tuple, tag: str, title: Callable[[dict], str]) -> int:
+    """The launcher side: check the emulated cluster can run, run the job, print the table."""
+    from shardwise.cluster.emulated_cluster import unavailable_reason
+    reason = unavailable_reason()
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    spec = {**{k: getattr(a, k) for k in keys + ("rate", "batch", "seq", "balance", "chunk_list", "iters", "repeats")},
+            "out": str(Path(a.out).resolve())}
+    s = run_job(script, a.nodes, a.rate, spec, a.timeout, tag)
+    print_table(title(s), s)
+    return 0

@@ -21,8 +21,6 @@ Not part of the unit suite.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -30,7 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
-from overlap_common import CollectiveRecorder, print_table, run_job, summarize, timed  # noqa: E402
+from overlap_common import (add_common_args, balanced_width, comm_of, init_worker, launch, parse,  # noqa: E402
+                            run_and_write, timed)
 
 
 def _row(n, r, a, width):
@@ -99,93 +98,48 @@ LAYERS = {"row": _row, "column": _column}
 
 
 def worker(a) -> None:
-    import torch
     import torch.distributed as dist
-    from harness import Variant, run_benchmark
+    from harness import Variant
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    rec = init_worker()
     n, r = dist.get_world_size(), dist.get_rank()
-    rec = CollectiveRecorder()
     build = LAYERS[a.layer]
 
     def measure(width):
         step, compute = build(n, r, a, width)
-        step(1)  # warm-up
-        rec.calls.clear()
-        rec.active = True
-        step(1)
-        rec.active = False
-        comm = rec.replay(None)
-        comp = min(timed(compute, 3, None)["layer_s"] for _ in range(2))
-        return step, compute, comm, comp
+        comm = comm_of(rec, partial(step, 1))
+        return step, compute, comm, min(timed(compute, 3, None)["layer_s"] for _ in range(2))
 
     width = a.width
-    if a.balance:  # compute scales with the inner width, communication does not: rescale to compute ~ comm
+    if a.balance:  # compute scales with the inner width, communication does not
         _, _, comm, comp = measure(width)
-        t = torch.tensor([max(64, round(width * comm / comp / 64) * 64)])
-        dist.broadcast(t, 0)
-        width = int(t)
-    step, compute, comm, comp = measure(width)
+        width = balanced_width(width, comm, comp, 64)
+    step, compute, comm, _ = measure(width)
     variants = [Variant("compute", fn=partial(timed, compute, a.iters, None))]
     variants += [Variant(f"P={p}", fn=partial(timed, partial(step, p), a.iters, None)) for p in a.chunk_list]
-    res = run_benchmark(f"tp_overlap_{a.layer}", variants, repeats=a.repeats, warmup=1, baseline="P=1",
-                        out_dir=a.out if r == 0 else None, verbose=r == 0)
-    if r == 0:
-        comp_s = res["variants"]["compute"]["stats"]["layer_s"]["median"]
-        s = summarize(res, a.chunk_list, comm, comp_s)
-        s.update(layer=a.layer, tp=n, rate=a.rate, width=width, batch=a.batch, seq=a.seq, out_features=a.out_features,
-                 projections=a.projections if a.layer == "column" else None, collectives_recorded=len(rec.calls))
-        path = Path(res["json_path"])
-        data = json.loads(path.read_text())
-        data["extra"] = s
-        path.write_text(json.dumps(data, indent=2))
-        Path(a.json).write_text(json.dumps(s))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    run_and_write(f"tp_overlap_{a.layer}", variants, a, comm, True,
+                  dict(layer=a.layer, width=width, batch=a.batch, seq=a.seq, out_features=a.out_features,
+                       projections=a.projections if a.layer == "column" else None, collectives_recorded=len(rec.calls)))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", default="", help=argparse.SUPPRESS)
+    add_common_args(ap, "tp")
     ap.add_argument("--layer", choices=sorted(LAYERS), default="row")
-    ap.add_argument("--nodes", type=int, default=2, help="tp size: one rank per emulated node")
-    ap.add_argument("--rate", default="1gbit", help="inter-node rate per direction")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=1024, help="sequence length (divisible by nodes x max chunks)")
     ap.add_argument("--out-features", type=int, default=1024,
                     help="row: output features (the collective's width); column: input features")
-    ap.add_argument("--width", type=int, default=512, help="local GEMM inner width before --balance rescales it")
+    ap.add_argument("--width", type=int, default=512, help="local GEMM inner width before balancing rescales it")
     ap.add_argument("--projections", type=int, default=3, help="column: projections sharing the gathered input")
-    ap.add_argument("--no-balance", dest="balance", action="store_false")
-    ap.add_argument("--chunks", default="1,2,4,8")
-    ap.add_argument("--iters", type=int, default=5, help="timed forward+backward passes per sample")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--timeout", type=float, default=900.0)
-    ap.add_argument("--out", default="bench_out")
-    a = ap.parse_args(argv)
-    a.chunk_list = sorted({int(c) for c in a.chunks.split(",")} | {1})
+    a = parse(ap, argv)
     if a.worker:
-        vars(a).update(json.loads(a.spec))
         worker(a)
         return 0
-    from shardwise.cluster.emulated_cluster import unavailable_reason
-    reason = unavailable_reason()
-    if reason:
-        print(f"error: {reason}", file=sys.stderr)
-        return 2
     if a.seq % (a.nodes * max(a.chunk_list)):
         print(f"error: --seq {a.seq} must be divisible by --nodes x max(--chunks) = {a.nodes * max(a.chunk_list)}",
               file=sys.stderr)
         return 2
-    keys = ("layer", "rate", "batch", "seq", "out_features", "width", "projections", "balance", "chunk_list", "iters",
-            "repeats")
-    spec = {**{k: getattr(a, k) for k in keys}, "out": str(Path(a.out).resolve())}
-    s = run_job(Path(__file__).resolve(), a.nodes, a.rate, spec, a.timeout, "tp-overlap")
-    print_table(f"tp_overlap {a.layer} (tp={a.nodes} over {a.rate}, width {s['width']})", s)
-    return 0
+    return launch(Path(__file__).resolve(), a, ("layer", "out_features", "width", "projections"), "tp-overlap",
+                  lambda s: f"tp_overlap {a.layer} (tp={a.nodes} over {a.rate}, width {s['width']})")
 
 
 if __name__ == "__main__":
