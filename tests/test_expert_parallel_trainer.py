@@ -40,9 +40,11 @@ def _summary(trainer, history):
 
 
 def _ep_runs(rank, world, overrides, run_dir):
-    """ep2, ep2 under the missing-reduction ablation, ep2 with parallel.ep_overlap_chunks=2: one launch."""
-    runs = [overrides, overrides, [*overrides, "parallel.ep_overlap_chunks=2"]]
-    return fit_runs(rank, world, runs, run_dir, _summary, ablations=[None, "missing_reduction", None])
+    """ep2, ep2 under the missing-reduction ablation, ep2 with parallel.ep_overlap_chunks=2, ep4 with
+    parallel.ep_overlap_chunks=4: one launch."""
+    runs = [overrides, overrides, [*overrides, "parallel.ep_overlap_chunks=2"],
+            [*overrides, "parallel.ep=4", "parallel.ep_overlap_chunks=4"]]
+    return fit_runs(rank, world, runs, run_dir, _summary, ablations=[None, "missing_reduction", None, None])
 
 
 def test_trainer_ep2_on_4_processes_matches_single_process(corpus_cache, tmp_path):
@@ -57,9 +59,11 @@ def test_trainer_ep2_on_4_processes_matches_single_process(corpus_cache, tmp_pat
         assert_series_close(loss, ref_loss, f"{what} losses")
         assert_params_close(params, ref_params, tol, what)
     # The same job again with the dense and expert dp gradient reductions skipped: that comparison must fail.
-    for run, ablated, overlapped in run_distributed(_ep_runs, 4, _overrides("tiny_moe_ep", cache_dir),
-                                                    str(tmp_path / "ep"), timeout=300):
-        assert run[3] == [1] and overlapped[3] == [2], "parallel.ep_overlap_chunks did not reach the MoE layers"
+    for run, ablated, overlapped, ep4 in run_distributed(_ep_runs, 4, _overrides("tiny_moe_ep", cache_dir),
+                                                         str(tmp_path / "ep"), timeout=300):
+        assert run[3] == [1] and overlapped[3] == [2] and ep4[3] == [4], \
+            "parallel.ep_overlap_chunks did not reach the MoE layers"
         check(run, "ep2")
         check(overlapped, "ep2 ep_overlap_chunks=2")
+        check(ep4, "ep4 ep_overlap_chunks=4")
         print(expect_mismatch(lambda: check(ablated, "ablated ep2"), "missing_reduction"))

@@ -119,6 +119,8 @@ TP2_CASES = {  # name: (reference, recipe, overrides)
     "dense tp2 sp overlap2": ("dense", "tiny_dense", ["parallel.tp=2", "parallel.sequence_parallel=true",
                                                       "parallel.tp_overlap_chunks=2"]),
     "dense tp2 overlap4": ("dense", "tiny_dense", ["parallel.tp=2", "parallel.tp_overlap_chunks=4"]),
+    "dense tp2 sp overlap4": ("dense", "tiny_dense", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                      "parallel.tp_overlap_chunks=4"]),
     "moe tp2 sp overlap2 zero3": ("moe", "tiny_moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
                                                       "parallel.tp_overlap_chunks=2", "zero.stage=3"]),
     "moe tp2 sp capacity": ("moe_capacity", "tiny_moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
@@ -127,6 +129,7 @@ TP2_CASES = {  # name: (reference, recipe, overrides)
 
 TP4_CASES = {
     "dense tp4": ("dense_kv4", "tiny_dense", ["parallel.tp=4", *KV4]),
+    "dense tp4 overlap4": ("dense_kv4", "tiny_dense", ["parallel.tp=4", "parallel.tp_overlap_chunks=4", *KV4]),
     "dense tp4 sp": ("dense_kv4", "tiny_dense", ["parallel.tp=4", "parallel.sequence_parallel=true", *KV4]),
     "moe tp4": ("moe_kv4", "tiny_moe", ["parallel.tp=4", *KV4]),
     "moe tp4 sp": ("moe_kv4", "tiny_moe", ["parallel.tp=4", "parallel.sequence_parallel=true", *KV4]),
