@@ -9,7 +9,8 @@ ranks, CO2 over the 2 nodes (shardwise/parallel/co2/outer.py, docs/co2.md). One 
   the clip is reached, and the reference without clipping must miss.
 - memory (3 node-sharded fp32 buffers) and bytes (one all-reduce of the node-sharded pseudo-gradient per
   round, nothing across nodes inside a round), and a state round trip: save mid-round with the all-reduce in
-  flight, load into fresh engines, continue bit-identically.
+  flight, load into fresh engines, continue bit-identically; the same with the in-memory snapshot form
+  (the all-reduce stays in flight when it is taken and is relaunched from its input on load).
 
 Tolerances. SGD cases: the inner updates differ from the reference by the gradients' summation order only
 (GRAD_ROUNDOFF = 1e-7 per element, shardwise/testing/tolerance.py) times lr, per step, plus one rounding of the
@@ -38,19 +39,20 @@ def _engine(stage, seed, node_group, moe=True):
                       levels=[node_group], dp_group=node_group, ranks_per_node=2, device="cpu", level_names=["node"])
 
 
-def _co2(engine, inter, **kw):
+def _co2(engine, inter, snapshots=False, **kw):
     from shardwise.parallel.co2 import CO2Config, CO2Outer
-    return CO2Outer(engine, CO2Config(enabled=True, **kw), inter, ranks_per_node=2)
+    return CO2Outer(engine, CO2Config(enabled=True, **kw), inter, ranks_per_node=2, snapshots=snapshots)
 
 
-def _run(rank, world, stage, cfg_kw, steps, sgd=True, grad_clip=0.0, groups=None, seed=0, probe=None, schedule=None):
+def _run(rank, world, stage, cfg_kw, steps, sgd=True, grad_clip=0.0, groups=None, seed=0, probe=None, schedule=None,
+         snapshots=False):
     from shardwise.testing.co2_reference import node_train, use_sgd
     from shardwise.testing.zero_reference import tiny_config
     node_g, inter_g = groups
     e = _engine(stage, seed, node_g)
     if sgd:
         use_sgd(e, LR)
-    co2 = _co2(e, inter_g, **cfg_kw)
+    co2 = _co2(e, inter_g, snapshots=snapshots, **cfg_kw)
     losses = node_train(e, tiny_config(moe=True), rank // 2, 2, rank % 2, 2, 1, steps, node_g,
                         grad_clip=grad_clip, schedule=not sgd if schedule is None else schedule,
                         after_step=probe and (lambda s: probe(e, co2, s)))
@@ -102,6 +104,28 @@ def _workers(rank, world):
     fa, fb = a.full_state_dict(rank0_only=False), b.full_state_dict(rank0_only=False)
     out["resume_identical"] = la == lb and all(torch.equal(fa[k], fb[k]) for k in fa) and \
         torch.equal(ca.anchor, cb.anchor) and torch.equal(ca.momentum, cb.momentum)
+    # 5. the in-memory snapshot form, same point (mid-round, step 5, the step-4 all-reduce in flight): taking it
+    #    must NOT wait for the all-reduce; restoring relaunches it from its saved input (the in-place reduction
+    #    has overwritten `buffer` by then) without charging its bytes again; both continue to step 9:
+    #    bit-identical, byte metrics included.
+    a, ca, _ = _run(rank, world, 3, gen, 5, sgd=False, grad_clip=0.3, groups=groups, schedule=False, snapshots=True)
+    work = ca.work
+    tensors, small = ca.snapshot_state()
+    out["snapshot_no_wait"] = work is not None and ca.work is work and small["in_flight"]
+    snap = ({k: t.clone() for k, t in tensors.items()}, dict(small))
+    zsd = a.sharded_state_dict()
+    b = _engine(3, 77, node_g)
+    cb = _co2(b, inter_g, snapshots=True, **gen)
+    b.load_sharded_state_dict(zsd)
+    cb.load_snapshot_state(*snap)
+    out["relaunched"] = cb.work is not None and cb.counter.snapshot()["total"] == 0.0
+    la, lb = (node_train(x, mcfg, rank // 2, 2, rank % 2, 2, 1, 9, node_g, grad_clip=0.3,
+                         start_step=5) for x in (a, b))
+    fa, fb = a.full_state_dict(rank0_only=False), b.full_state_dict(rank0_only=False)
+    out["snapshot_identical"] = la == lb and all(torch.equal(fa[k], fb[k]) for k in fa) and \
+        torch.equal(ca.anchor, cb.anchor) and torch.equal(ca.momentum, cb.momentum) and \
+        ca.comm_bytes() == cb.comm_bytes() and ca.metrics() == cb.metrics()
+    out["snapshot_mem"] = ca.memory_bytes()
     return out
 
 
@@ -149,3 +173,7 @@ def test_co2_invariants():
             assert b["co2"]["inter"] == (per_round / 2 if step >= 2 else 0.0)
         assert r["metrics"]["co2_outer_norm"] > 0 and r["metrics"]["co2_staleness_gap"] > 0
     assert all(r["resume_identical"] for r in res), "a restored CO2 run must continue bit-identically"
+    assert all(r["snapshot_no_wait"] for r in res), "snapshot_state must leave the all-reduce in flight"
+    assert all(r["relaunched"] for r in res), "load_snapshot_state must relaunch the all-reduce, uncharged"
+    assert all(r["snapshot_identical"] for r in res), "a CO2 run restored from a snapshot must continue bit-identically"
+    assert all(r["snapshot_mem"] == 4 * 4 * r["padded"] // 2 for r in res)  # + the input copy

@@ -58,7 +58,9 @@ def test_co2_config_errors():
     assert "parallel.pp=2 is not supported" in problems(8, "parallel.pp=2")
     assert "expert parallel must stay inside a node" in problems(8, "parallel.ep=4")
     assert "zero.secondary_partition_level=node" in problems(4, "zero.secondary_partition_level=node")
-    assert "fault_tolerance.snapshot_every=1" in problems(4, "fault_tolerance=snapshots")
+    # In-memory snapshots carry the CO2 state (tests/test_co2_snapshot_e2e.py): no longer refused.
+    cfg, _ = compose_config(["recipe=tiny_moe_co2", "fault_tolerance=snapshots", "fault_tolerance.ec_data=1"])
+    validate_config(cfg, 4)
 
 
 def test_intra_node_groups():

@@ -23,7 +23,10 @@ or three slots").
 
 Snapshot content per rank: the ZeRO engine's sharded state (parameter shard, fp32 master, AdamW moments —
 views of the live buffers, copied by the background thread), and in ``extras``: RNG states, step, LR
-scheduler, data-sampler position, the model's persistent buffers (e.g. the MoE routers' expert_bias).
+scheduler, data-sampler position, the model's persistent buffers (e.g. the MoE routers' expert_bias). Under
+CO2 (``trainer.co2``) also its outer state, at any step of a round: tensors ``co2/anchor``, ``co2/momentum``,
+``co2/pending`` (the in-flight all-reduce's input, relaunched on restore, or a result already waited for) and
+``extras["co2"]`` (round position, byte window, norms; shardwise/parallel/co2/outer.py ``snapshot_state``).
 
 Test-only hooks (environment, read in the first incarnation only, like ``fault_tolerance.inject``):
 ``SHARDWISE_FT_TEST_KILL_IN_COPY=rank:step`` — at snapshot ``step`` that rank starts overwriting its older slot
@@ -202,6 +205,15 @@ class FaultTolerance:
     def _load(self, trainer, snap) -> None:
         trainer.engine.load_sharded_state_dict(zero_state_from(snap.tensors, snap.manifest))
         x = snap.extras
+        co2 = getattr(trainer, "co2", None)
+        if (co2 is not None) != ("co2" in x):
+            raise RuntimeError(f"rank {self.rank}: the snapshot of step {snap.step} was taken "
+                               f"{'with' if 'co2' in x else 'without'} co2.enabled, this job runs "
+                               f"{'with' if co2 is not None else 'without'}: in-memory snapshots restore only into "
+                               "the same job (use a durable checkpoint to switch CO2 on or off)")
+        if co2 is not None:  # relaunches the all-reduce that was in flight (collective over dp_inter)
+            co2.load_snapshot_state({k[len("co2/"):]: t for k, t in snap.tensors.items() if k.startswith("co2/")},
+                                    x["co2"])
         bufs = _persistent_buffers(trainer.raw_model)
         with torch.no_grad():
             for n, b in x["buffers"].items():
@@ -259,6 +271,10 @@ class FaultTolerance:
         extras = {"rng": capture_rng_state(), "lr_scheduler": trainer.scheduler.state_dict(),
                   "sampler": trainer.data.state_dict(), "step": step,
                   "buffers": {n: b.detach().cpu().clone() for n, b in _persistent_buffers(trainer.raw_model).items()}}
+        co2 = getattr(trainer, "co2", None)
+        if co2 is not None:  # views of the live outer state; nothing waits for the in-flight all-reduce
+            co2_tensors, extras["co2"] = co2.snapshot_state()
+            tensors.update({f"co2/{k}": t for k, t in co2_tensors.items()})
         manifest = {**meta, **self.layout, "rank": self.rank}
         if self.kill_in_copy is not None and self.kill_in_copy == (self.rank, step):
             self._die_mid_copy(step)

@@ -112,7 +112,8 @@ class Trainer:
         elif cfg.co2.enabled:  # ZeRO over the node's levels; CO2 (its optimizer's post-step hook) owns dp_inter
             from ..parallel.co2.build import build_co2_data_parallel
             self.engine, self.co2 = build_co2_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, cfg.co2,
-                                                            env.device, param_init)
+                                                            env.device, param_init,
+                                                            snapshots=cfg.fault_tolerance.snapshot_every > 0)
         else:
             self.engine = build_data_parallel(self.model, self.dims, cfg.zero, cfg.optim, env.device, param_init,
                                               offload=cfg.offload, rank=env.rank)

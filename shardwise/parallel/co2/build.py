@@ -14,10 +14,12 @@ INNER_LEVELS, INNER_NAMES = ("dp_pair", "dp_node"), ["pair", "node"]
 
 
 def build_co2_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: ZeroConfig, optim_cfg, co2_cfg: CO2Config,
-                            device: torch.device, param_init=None):
+                            device: torch.device, param_init=None, snapshots: bool = False):
     """(engine, outer): what data_parallel.build_data_parallel builds, but over dp_pair x dp_node only (gradients
     never cross nodes inside a round), and the CO2Outer that owns dp_inter. Expert parallel must fit in a node
-    (shardwise.parallel.co2.config.validate_run); the routed experts join the outer update. Collective."""
+    (shardwise.parallel.co2.config.validate_run); the routed experts join the outer update. snapshots: the
+    run takes in-memory snapshots (fault_tolerance.snapshot_every > 0; CO2Outer keeps its all-reduce input).
+    Collective."""
     dims.build_intra_groups()
     if dims.ep > 1:
         from ..zero.experts import MoEZeroEngine
@@ -30,4 +32,4 @@ def build_co2_data_parallel(model: nn.Module, dims: ParallelDims, zero_cfg: Zero
                             tp_replicated={n for n, p in named if getattr(p, "tp_shard_dim", None) is None},
                             tp_partial={n for n, p in named if getattr(p, "sequence_parallel", False)},
                             level_names=INNER_NAMES, param_init=param_init)
-    return engine, CO2Outer(engine, co2_cfg, dims.group("dp_inter"), dims.ranks_per_node)
+    return engine, CO2Outer(engine, co2_cfg, dims.group("dp_inter"), dims.ranks_per_node, snapshots=snapshots)

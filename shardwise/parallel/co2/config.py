@@ -84,10 +84,7 @@ def validate_run(cfg) -> list[str]:
         errs.append("co2.enabled with zero.secondary_partition_level=node: under CO2 the node level is the "
                     "engine's outermost level, so hpZ can only keep a secondary partition at `pair` "
                     "(or use zero.stage=3 without hpZ)")
-    if ft.snapshot_every > 0:
-        errs.append(f"co2.enabled with fault_tolerance.snapshot_every={ft.snapshot_every}: in-memory snapshots do "
-                    "not carry the CO2 state yet; use durable checkpoints (fault_tolerance.checkpoint_dir, "
-                    "checkpoint_every a multiple of co2.local_steps) or set fault_tolerance.snapshot_every=0")
+    # fault_tolerance.snapshot_every is free: a snapshot at any step carries the CO2 state (outer.py).
     off = getattr(cfg, "offload", None)
     if off is not None:
         tiers = {f"offload.{f}": getattr(off, f) for f in ("optimizer", "params") if getattr(off, f, "none") != "none"}

@@ -21,10 +21,16 @@ and the ranks with the same coordinates in every node all-reduce the same slice:
 round are one model's fp32 pseudo-gradient split over the node's ranks. All units of the engine (and of
 the experts engine of an MoE model) sit in one flat buffer: one all-reduce per round.
 
-Everything that spans the round is state (`state_dict`): the anchor, the momentum, the in-flight
-all-reduce (completed when the state is taken: its result, identical on every node, is what is saved, so
-a restored run applies the same bits), the inner-step count (the round position), the bytes of the last
-tau steps and the last round's norms.
+Everything that spans the round is state: the anchor, the momentum, the in-flight all-reduce, the
+inner-step count (the round position), the bytes of the last tau steps and the last round's norms. Two forms:
+
+* `state_dict` (durable checkpoints, taken at round ends): the in-flight all-reduce is completed and its
+  result, identical on every node, is what is saved, so a restored run applies the same bits.
+* `snapshot_state` (in-memory snapshots, any step, shardwise/fault_tolerance/trainer_hooks.py): never waits.
+  An in-flight all-reduce is saved as its INPUT (`sent`, a copy made at launch: the collective reduces
+  `buffer` in place, so while it runs `buffer` holds partial sums and afterwards the mean, never the input)
+  and `load_snapshot_state` launches it again over the same group with the same input: every node restores
+  the same step, so every node relaunches, and the same inputs over the same group give the same bits.
 """
 from __future__ import annotations
 
@@ -75,9 +81,11 @@ def engines_of(engine) -> list:
 
 class CO2Outer:
     """The outer optimizer of CO2 on top of `engine` (module docstring). `inter_group`: the dp_inter process
-    group (the same slice of every node), ranks_per_node: for the inter/intra link class of the bytes."""
+    group (the same slice of every node), ranks_per_node: for the inter/intra link class of the bytes.
+    snapshots: keep a copy of each launched all-reduce's input (`sent`, one more node-sharded fp32 buffer), so
+    an in-memory snapshot can carry an in-flight all-reduce without waiting for it (`snapshot_state`)."""
 
-    def __init__(self, engine, cfg: CO2Config, inter_group, ranks_per_node: int = 1):
+    def __init__(self, engine, cfg: CO2Config, inter_group, ranks_per_node: int = 1, snapshots: bool = False):
         self.engine, self.cfg = engine, cfg
         self.engines = engines_of(engine)
         self.ep_group = getattr(engine, "ep_group", None) if len(self.engines) > 1 else None
@@ -96,6 +104,8 @@ class CO2Outer:
         self.momentum = torch.zeros(numel, **f32)
         self.buffer = torch.zeros(numel, **f32)  # (x_hat - x) / G, then in place its mean over the workers
         self.work = None  # the in-flight all-reduce on `buffer`
+        # The input of the last launched all-reduce, unchanged until the next launch (snapshots only).
+        self.sent = torch.zeros(numel, **f32) if snapshots else None
         self.have_reduced = False  # `buffer` holds (or will hold, once `work` completes) Dbar of the last round
         self.inner_steps = 0
         self.window: deque = deque(maxlen=self.tau)  # bytes sent per inner step, the last tau steps
@@ -131,8 +141,9 @@ class CO2Outer:
 
     def memory_bytes(self) -> int:
         """Bytes of the outer state on this rank: anchor + momentum + all-reduce buffer (3 x 4 bytes per element
-        of the node-sharded slices)."""
-        return sum(t.untyped_storage().nbytes() for t in (self.anchor, self.momentum, self.buffer))
+        of the node-sharded slices), + the all-reduce's input copy with snapshots (4 x 4 bytes)."""
+        ts = (self.anchor, self.momentum, self.buffer) + ((self.sent,) if self.sent is not None else ())
+        return sum(t.untyped_storage().nbytes() for t in ts)
 
     # ------------------------------------------------------------------ the round
     def after_inner_step(self) -> None:
@@ -157,6 +168,8 @@ class CO2Outer:
         for s in self.spans:
             torch.sub(self.anchor[s.start: s.start + s.n], self._x(s), out=self.buffer[s.start: s.start + s.n])
         self.buffer.div_(self.workers)
+        if self.sent is not None:
+            self.sent.copy_(self.buffer)  # before the launch: the in-place reduction overwrites `buffer`
         self.work = self.inter.all_reduce(self.buffer, async_op=True)
         self.have_reduced = True
 
@@ -254,26 +267,74 @@ class CO2Outer:
         """This rank's outer state. The in-flight all-reduce is completed first (its result is the state)."""
         self._wait()
         cp = (lambda t: t.clone()) if clone else (lambda t: t)
-        return {"format": FORMAT, "workers": self.workers, "local_steps": self.tau, "inner_steps": self.inner_steps,
-                "have_reduced": self.have_reduced, "anchor": cp(self.anchor), "momentum": cp(self.momentum),
-                "reduced": cp(self.buffer), "spans": [(s.unit.name, s.off, s.n) for s in self.spans],
-                "window": [dict(b) for b in self.window], "last": dict(self.last),
-                "prev_step_norm": self._prev_step_norm}
+        return {**self._small_state(), "anchor": cp(self.anchor), "momentum": cp(self.momentum),
+                "reduced": cp(self.buffer)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore `state_dict()` of the same layout (same workers, tau and node sharding); the masters and
         inner optimizer come from the engine's own state dict."""
         if sd.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} state dict: format={sd.get('format')!r}")
+        self._check_layout(sd)
+        self._wait()
+        self.anchor.copy_(sd["anchor"])
+        self.momentum.copy_(sd["momentum"])
+        self.buffer.copy_(sd["reduced"])
+        self._load_small(sd)
+
+    # ------------------------------------------------------------------ in-memory snapshots
+    def snapshot_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, scalars) of this rank's outer state at any step, WITHOUT waiting for the in-flight
+        all-reduce (a snapshot every step would otherwise stall on the slow link and lose the overlap).
+
+        The tensors are the live buffers, not copies (the snapshot thread reads them before the next optimizer
+        step, the first thing that writes them). `pending` is `buffer`'s content as the next outer step reads
+        it: with an all-reduce in flight its input `sent` (relaunched on load), else `buffer` itself (a result
+        already waited for, e.g. by a durable checkpoint's save, or nothing pending)."""
+        if self.sent is None:
+            raise RuntimeError("CO2Outer.snapshot_state needs the all-reduce input copy: build the CO2Outer with "
+                               "snapshots=True (the trainer does when fault_tolerance.snapshot_every > 0)")
+        in_flight = self.work is not None
+        tensors = {"anchor": self.anchor, "momentum": self.momentum,
+                   "pending": self.sent if in_flight else self.buffer}
+        small = {**self._small_state(), "in_flight": in_flight}
+        return tensors, small
+
+    def load_snapshot_state(self, tensors: dict[str, torch.Tensor], small: dict) -> None:
+        """Restore `snapshot_state()` (same layout); relaunches the all-reduce that was in flight. Collective
+        over dp_inter when one was: every rank of every node restores the same step, so all relaunch."""
+        if small.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} snapshot state: format={small.get('format')!r}")
+        self._check_layout(small)
+        self._wait()
+        self.anchor.copy_(tensors["anchor"])
+        self.momentum.copy_(tensors["momentum"])
+        self.buffer.copy_(tensors["pending"])
+        self._load_small(small)
+        if small["in_flight"]:
+            if self.sent is not None:
+                self.sent.copy_(self.buffer)  # a later snapshot of this run may still need the input
+            # Not charged: the original launch's bytes are already in the restored byte window.
+            account, self.inter.account = self.inter.account, False
+            try:
+                self.work = self.inter.all_reduce(self.buffer, async_op=True)
+            finally:
+                self.inter.account = account
+
+    def _small_state(self) -> dict:
+        return {"format": FORMAT, "workers": self.workers, "local_steps": self.tau, "inner_steps": self.inner_steps,
+                "have_reduced": self.have_reduced, "spans": [(s.unit.name, s.off, s.n) for s in self.spans],
+                "window": [dict(b) for b in self.window], "last": dict(self.last),
+                "prev_step_norm": self._prev_step_norm}
+
+    def _check_layout(self, sd: dict) -> None:
         mine = [(s.unit.name, s.off, s.n) for s in self.spans]
         if sd["workers"] != self.workers or sd["local_steps"] != self.tau or [tuple(x) for x in sd["spans"]] != mine:
             raise ValueError(f"co2 state of another layout (workers {sd['workers']}, co2.local_steps "
                              f"{sd['local_steps']}, node sharding): this run has workers {self.workers}, "
                              f"co2.local_steps {self.tau}; CO2 state restores only at the layout it was saved at")
-        self._wait()
-        self.anchor.copy_(sd["anchor"])
-        self.momentum.copy_(sd["momentum"])
-        self.buffer.copy_(sd["reduced"])
+
+    def _load_small(self, sd: dict) -> None:
         self.have_reduced, self.inner_steps = bool(sd["have_reduced"]), int(sd["inner_steps"])
         self.window = deque((dict(b) for b in sd["window"]), maxlen=self.tau)
         self.last, self._prev_step_norm = dict(sd["last"]), float(sd["prev_step_norm"])
