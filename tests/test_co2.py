@@ -11,6 +11,9 @@ ranks, CO2 over the 2 nodes (shardwise/parallel/co2/outer.py, docs/co2.md). One 
   round, nothing across nodes inside a round), and a state round trip: save mid-round with the all-reduce in
   flight, load into fresh engines, continue bit-identically; the same with the in-memory snapshot form
   (the all-reduce stays in flight when it is taken and is relaunched from its input on load).
+- co2.adaptive_penalty (lambda_t = penalty * (2 - cos) of the stale pseudo-gradient and the previous
+  momentum): node-sharded == the unsharded reference with the same rule, lambda_t identical on every rank,
+  and the constant-penalty reference must miss.
 
 Tolerances. SGD cases: the inner updates differ from the reference by the gradients' summation order only
 (GRAD_ROUNDOFF = 1e-7 per element, shardwise/testing/tolerance.py) times lr, per step, plus one rounding of the
@@ -126,6 +129,17 @@ def _workers(rank, world):
         torch.equal(ca.anchor, cb.anchor) and torch.equal(ca.momentum, cb.momentum) and \
         ca.comm_bytes() == cb.comm_bytes() and ca.metrics() == cb.metrics()
     out["snapshot_mem"] = ca.memory_bytes()
+    # 6. co2.adaptive_penalty (no clipping, so the penalty alone shapes the step), 4 rounds = 3 outer steps:
+    #    lambda_t per outer step recorded.
+    lams = []
+
+    def probe_lam(e, co2, step):
+        if (step + 1) % 2 == 0:
+            lams.append(co2.metrics()["co2_penalty"])
+    e, _, _ = _run(rank, world, 3, dict(gen, clip=math.inf, adaptive_penalty=True), 8, sgd=False, grad_clip=0.3,
+                   groups=groups, probe=probe_lam)
+    out["adaptive"] = e.full_state_dict(rank0_only=False)
+    out["lams"] = lams
     return out
 
 
@@ -160,6 +174,19 @@ def test_co2_invariants():
     import dataclasses
     unclipped, _ = reference_co2(mcfg, dataclasses.replace(gen, clip=math.inf), 2, 2, 6, grad_clip=0.3)
     expect_mismatch(lambda: assert_params_close(got["general"], unclipped, tol), "CO2 vs its unclipped reference")
+
+    # Adaptive penalty: sharded == unsharded reference with the same rule; lambda_t = penalty in the first outer
+    # step (round 1: no previous one), then penalty * (2 - cos) in [penalty, 3 penalty], and it did change the
+    # result (the constant-penalty reference misses).
+    adaptive = dataclasses.replace(gen, clip=math.inf, adaptive_penalty=True)
+    ref_a, _ = reference_co2(mcfg, adaptive, 2, 2, 8, grad_clip=0.3)
+    tol8 = param_tolerance(optim_config(), 8)
+    assert_params_close(got["adaptive"], ref_a, tol8, "node-sharded adaptive-penalty CO2 vs unsharded reference")
+    const, _ = reference_co2(mcfg, dataclasses.replace(adaptive, adaptive_penalty=False), 2, 2, 8, grad_clip=0.3)
+    expect_mismatch(lambda: assert_params_close(got["adaptive"], const, tol8), "adaptive vs constant penalty")
+    for r in res:
+        assert r["lams"] == got["lams"]  # every node and rank computes the same lambda_t
+    assert got["lams"][:2] == [2.0, 2.0] and all(2.0 < x <= 6.0 for x in got["lams"][2:]), got["lams"]
 
     # Memory: anchor, momentum, buffer = 3 fp32 buffers of the padded model / 2 ranks per node.
     for r in res:

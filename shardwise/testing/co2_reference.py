@@ -108,9 +108,17 @@ def reference_co2(mcfg: ModelConfig, cfg: CO2Config, workers: int, micro_per_wor
     beta = outer_momentum(cfg, workers)
     pending, max_abs = None, []
 
+    def penalty(dbar):  # co2.adaptive_penalty on whole tensors: penalty * (2 - cos(dbar, previous momentum))
+        dd, mm, dm = (sum(float((a[n].double() * b[n].double()).sum()) for n in names)
+                      for a, b in ((dbar, dbar), (mom, mom), (dbar, mom)))
+        if not cfg.adaptive_penalty or dd <= 0 or mm <= 0:
+            return cfg.penalty
+        return cfg.penalty * (2.0 - max(-1.0, min(1.0, dm / (dd * mm) ** 0.5)))
+
     def update(dbar):
+        lam = penalty(dbar)
         for n in names:
-            mom[n].mul_(beta).add_(dbar[n], alpha=1.0 / cfg.penalty)
+            mom[n].mul_(beta).add_(dbar[n], alpha=1.0 / lam)
             mom[n] = mom[n].clamp(-cfg.clip, cfg.clip)
         max_abs.append(max(float(t.abs().max()) for t in mom.values()))
         for n in names:

@@ -318,7 +318,7 @@ class Trainer:
         if self.co2 is not None:  # + the outer all-reduce's bytes per step, averaged over the last round
             for k, v in self.co2.comm_bytes().items():
                 m[f"comm_bytes.{k}"] = m.get(f"comm_bytes.{k}", 0.0) + v
-            m.update(self.co2.metrics())  # co2_outer_norm, co2_staleness_gap (the last round's)
+            m.update(self.co2.metrics())  # co2_outer_norm, co2_staleness_gap, co2_penalty (the last round's)
         # + the layers' tp/ep traffic (forward and backward of this step): comm_bytes.tp, comm_bytes.ep
         for k, v in self.layer_bytes.snapshot().items():
             m[f"comm_bytes.{k}"] = m.get(f"comm_bytes.{k}", 0.0) + v

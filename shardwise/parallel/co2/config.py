@@ -26,7 +26,12 @@ class CO2Config:
     <= 32: 0.2, <= 64: 0.5, more: 0.6 (the paper's table)."""
     penalty: float = 1.0
     """lambda >= 1: staleness-gap penalty, the one-round-stale averaged pseudo-gradient enters the momentum
-    divided by it (1 = no penalty)."""
+    divided by it (1 = no penalty). With adaptive_penalty it is the floor of the adaptive value."""
+    adaptive_penalty: bool = False
+    """true: lambda_t = penalty * (2 - cos_t), cos_t the cosine between the stale averaged pseudo-gradient and
+    the momentum that made the previous outer step (the gap between successive updates): 1 x penalty while
+    successive updates agree, up to 3 x penalty when they point opposite ways (the anchor overshot and is
+    oscillating); penalty itself in the first outer step (no previous one). Logged as co2_penalty."""
     clip: float = 1.0
     """phi > 0: outer momentum clipping, every element of the momentum is clamped to [-clip, clip] after the
     update (.inf = no clipping)."""

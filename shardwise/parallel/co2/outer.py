@@ -34,6 +34,7 @@ inner-step count (the round position), the bytes of the last tau steps and the l
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -109,7 +110,7 @@ class CO2Outer:
         self.have_reduced = False  # `buffer` holds (or will hold, once `work` completes) Dbar of the last round
         self.inner_steps = 0
         self.window: deque = deque(maxlen=self.tau)  # bytes sent per inner step, the last tau steps
-        self.last = {"co2_outer_norm": 0.0, "co2_staleness_gap": 0.0}
+        self.last = {"co2_outer_norm": 0.0, "co2_staleness_gap": 0.0, "co2_penalty": self.lam}
         self._prev_step_norm = 0.0  # |x_hat_t - x_hat_{t-1}|, for the staleness gap of the next round
         self.max_abs_momentum: list[float] = []  # after each outer step (tests: clipping holds)
         self._hook = engine.optimizer.register_step_post_hook(lambda *a: self.after_inner_step())
@@ -173,18 +174,39 @@ class CO2Outer:
         self.work = self.inter.all_reduce(self.buffer, async_op=True)
         self.have_reduced = True
 
+    def _penalty(self) -> float:
+        """lambda_t: the constant co2.penalty, or with co2.adaptive_penalty penalty * (2 - cos_t), cos_t between
+        the stale Dbar (in `buffer`) and the momentum of the previous outer step (still in `momentum`).
+
+        Why: Dbar was computed one round ago, before the anchor took the previous step. Where successive
+        updates agree (cos ~ 1: steady progress along flat directions) the stale one is still a good step and
+        gets the full weight; where they disagree (cos < 0: in stiff directions a round of inner steps lands
+        near the local optimum, so Dbar is a whole distance, and re-applying it after the anchor already moved
+        overshoots and oscillates), weighting it by 1/3 damps that oscillation (the delay-1 iteration
+        x' = x - c x_prev is damped for c < 1 and marginal at c = 1). The products are global (`dots`), so
+        every node computes the same lambda_t."""
+        if not self.cfg.adaptive_penalty:
+            return self.lam
+        dd, mm, dm = self.dots([(self.buffer, self.buffer), (self.momentum, self.momentum),
+                                (self.buffer, self.momentum)]).tolist()
+        if dd <= 0 or mm <= 0:
+            return self.lam  # the first outer step (no previous update) or nothing to compare
+        cos = max(-1.0, min(1.0, dm / math.sqrt(dd * mm)))
+        return self.lam * (2.0 - cos)
+
     def _update_momentum(self) -> None:
-        """m <- clamp(beta m + Dbar / lambda, -phi, phi) from `buffer`, and the round's norms."""
+        """m <- clamp(beta m + Dbar / lambda_t, -phi, phi) from `buffer`, and the round's norms."""
         self._wait()
+        lam = self._penalty()
         m = self.momentum
         m.mul_(self.beta)
-        m.add_(self.buffer, alpha=1.0 / self.lam)
+        m.add_(self.buffer, alpha=1.0 / lam)
         torch.clamp(m, -self.phi, self.phi, out=m)  # assigned: every |m| <= phi after the step
         self.have_reduced = False
         dbar, mnorm = self.norms([self.buffer, m]).tolist()
         step_norm = self.alpha * mnorm
         gap = self._prev_step_norm / dbar if self.cfg.overlap and dbar > 0 else 0.0
-        self.last = {"co2_outer_norm": step_norm, "co2_staleness_gap": gap}
+        self.last = {"co2_outer_norm": step_norm, "co2_staleness_gap": gap, "co2_penalty": lam}
         self._prev_step_norm = step_norm
         self.max_abs_momentum.append(float(m.abs().max()) if m.numel() else 0.0)
 
@@ -225,17 +247,23 @@ class CO2Outer:
 
     # ------------------------------------------------------------------ norms and metrics
     def norms(self, vectors: list[torch.Tensor]) -> torch.Tensor:
-        """Global L2 norms of CO2-layout vectors (identical on every node's copy): squares summed over the
-        node's shards, over tp for tp-sharded parameters (replicated ones once), over ep for experts."""
-        k = len(vectors)
+        """Global L2 norms of CO2-layout vectors (identical on every node's copy)."""
+        return self.dots([(v, v) for v in vectors]).sqrt()
+
+    def dots(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Global inner products <a, b> of pairs of CO2-layout vectors (identical on every node's copy):
+        summed over the node's shards, over tp for tp-sharded parameters (replicated ones once), over ep for
+        experts."""
+        k = len(pairs)
         out = torch.zeros(k, dtype=torch.float32, device=self.device)
         for ei, e in enumerate(self.engines):
             sq = torch.zeros(2, k, dtype=torch.float32, device=self.device)  # [tp-sharded, replicated]
             for pc in self.pieces:
                 if pc.engine == ei:
                     row = 1 if e._tp_rep(pc.name) else 0
-                    for j, v in enumerate(vectors):
-                        sq[row, j] += v[pc.lo: pc.hi].pow(2).sum()
+                    for j, (a, b) in enumerate(pairs):
+                        x = a[pc.lo: pc.hi]
+                        sq[row, j] += x.pow(2).sum() if a is b else torch.dot(x, b[pc.lo: pc.hi])
             e.topo.set_accounting(False)  # a few scalars, not the engine's traffic
             try:
                 if e.topo.dp_size > 1:
@@ -248,7 +276,7 @@ class CO2Outer:
             if ei > 0 and self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
                 C.all_reduce(part, group=self.ep_group)
             out += part
-        return out.sqrt()
+        return out
 
     def metrics(self) -> dict[str, float]:
         return dict(self.last)
